@@ -1,0 +1,192 @@
+"""The public Python API of the vault."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from .backends import open_backend
+from .config import VaultChoice, default_run_name, resolve_vault
+from .errors import SnapshotNotFound, VaultCorrupt, VaultNotFound
+from .progress import Progress
+from .vault import maintenance
+from .vault.maintenance import PruneReport, VerifyReport
+from .vault.repository import Repository, SnapshotInfo
+from .vault.restore import RestoreResult, restore_snapshot
+from .vault.snapshot import take_snapshot
+
+__all__ = ["PruneReport", "RestoreResult", "SnapshotInfo", "Vault", "VerifyReport"]
+
+
+class Vault:
+    """A vault of snapshots, at a folder path or a URL.
+
+    >>> import liferaft
+    >>> vault = liferaft.Vault("/content/drive/MyDrive/liferaft")    # doctest: +SKIP
+    >>> snap = vault.snapshot(["checkpoints"], run="mnist", step=1200)  # doctest: +SKIP
+    >>> vault.restore(run="mnist")                                   # doctest: +SKIP
+
+    With no URL, the vault comes from ``LIFERAFT_VAULT``, a ``liferaft.toml`` in this
+    folder or a parent, or the default folder in the user's data directory.
+    """
+
+    def __init__(self, url: str | os.PathLike[str] | None = None) -> None:
+        self.choice: VaultChoice = resolve_vault(url)
+        self.url = self.choice.url
+        self.backend = open_backend(self.url)
+        self._repo: Repository | None = None
+
+    def __repr__(self) -> str:
+        return f"Vault({self.url!r})"
+
+    # ------------------------------------------------------------ plumbing
+
+    def repository(self, *, create: bool = False) -> Repository:
+        if self._repo is None:
+            self._repo = Repository.open(self.backend, create=create)
+        return self._repo
+
+    def _readable(self) -> Repository | None:
+        """The repository, or None for a default vault nobody has written yet."""
+        try:
+            return self.repository()
+        except VaultNotFound:
+            if self.choice.is_default:
+                return None
+            raise
+
+    # ------------------------------------------------------------ API
+
+    def snapshot(
+        self,
+        paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        *,
+        run: str | None = None,
+        step: int | None = None,
+        tags: dict[str, str] | None = None,
+        metrics: dict[str, Any] | None = None,
+        progress: Progress | None = None,
+        include_secrets: bool = False,
+    ) -> SnapshotInfo:
+        """Snapshot files and folders and commit them atomically.
+
+        >>> vault.snapshot(["checkpoints", "runs"], run="mnist", step=500,
+        ...                metrics={"val_loss": 0.31})          # doctest: +SKIP
+        """
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        repo = self.repository(create=True)
+        return take_snapshot(
+            repo,
+            list(paths),
+            run=run or default_run_name(),
+            step=step,
+            tags=tags,
+            metrics=metrics,
+            progress=progress,
+            include_secrets=include_secrets,
+        )
+
+    def snapshots(self, run: str | None = None) -> list[SnapshotInfo]:
+        """Committed snapshots, oldest first (of one run when ``run`` is given)."""
+        repo = self._readable()
+        if repo is None:
+            return []
+        snaps = repo.snapshots()
+        return [s for s in snaps if run is None or s.run == run]
+
+    def restore(
+        self,
+        snapshot: str | None = None,
+        *,
+        run: str | None = None,
+        to: str | os.PathLike[str] | None = None,
+        progress: Progress | None = None,
+    ) -> RestoreResult | None:
+        """Restore a snapshot (by id) or the newest one of ``run`` that verifies.
+
+        Returns None when there is nothing to restore (a first run). A snapshot that
+        fails verification is reported and the one before it is used.
+
+        >>> vault.restore(run="mnist", to="/content/work")    # doctest: +SKIP
+        """
+        repo = self._readable()
+        if repo is None:
+            if snapshot is not None:
+                raise SnapshotNotFound(f"no snapshot {snapshot!r}: the vault at {self.url} is empty")
+            return None
+        if snapshot is not None:
+            return restore_snapshot(repo, repo.find(snapshot), to=to, progress=progress)
+        run = run or default_run_name()
+        candidates = [s for s in repo.snapshots() if s.run == run]
+        fallbacks: list[str] = []
+        for snap in reversed(candidates):
+            try:
+                result = restore_snapshot(repo, snap, to=to, progress=progress)
+            except VaultCorrupt as err:
+                msg = f"snapshot {snap.short_id} (run {snap.run}, step {snap.step}) failed verification: {err}"
+                warnings.warn(msg + "; using the one before", stacklevel=2)
+                fallbacks.append(msg)
+                continue
+            result.fallbacks = fallbacks
+            return result
+        if fallbacks:
+            raise VaultCorrupt(
+                f"no snapshot of run {run!r} verifies ({len(fallbacks)} tried): {fallbacks[0]}",
+                "run `liferaft verify --read-data` to see the damage",
+            )
+        return None
+
+    def verify(self, *, read_data: bool = False) -> VerifyReport:
+        """Check the vault; ``read_data`` also reads and hashes every stored byte."""
+        repo = self._readable()
+        if repo is None:
+            return VerifyReport()
+        return maintenance.verify(repo, read_data=read_data)
+
+    def forget(self, *, run: str, keep_last: int, prune: bool = False) -> tuple[list[SnapshotInfo], PruneReport | None]:
+        """Forget all but the newest ``keep_last`` snapshots of ``run``.
+
+        The newest snapshot that verifies is always kept. With ``prune``, the data
+        no snapshot needs any more is deleted.
+        """
+        repo = self.repository()
+        snaps = repo.snapshots()
+        doomed = maintenance.select_forget(snaps, run, keep_last, healthy=lambda s: maintenance.quick_check(repo, s))
+        repo.forget([s.id for s in doomed])
+        report = maintenance.prune(repo) if prune else None
+        return doomed, report
+
+    def forget_ids(self, ids: Sequence[str]) -> list[SnapshotInfo]:
+        """Forget snapshots by id (or unique prefix), damaged ones included."""
+        repo = self.repository()
+        found = []
+        for ref in ids:
+            try:
+                found.append(repo.find(ref))
+            except SnapshotNotFound:
+                damaged = [o.name for o in repo._list("snapshots/") if o.name.split("/")[-1].startswith(ref.lower())]
+                if len(damaged) != 1:
+                    raise
+                repo.backend.delete(damaged[0])
+        repo.forget([s.id for s in found])
+        return found
+
+    def prune(self, *, wait: float = 30.0) -> PruneReport:
+        """Delete stored data that no snapshot needs (never what a running writer uses)."""
+        return maintenance.prune(self.repository(), wait=wait)
+
+    def stats(self) -> dict[str, Any]:
+        repo = self._readable()
+        if repo is None:
+            return {"url": self.url, "snapshots": 0, "packs": 0, "bytes": 0}
+        packs = repo._list("packs/")
+        return {
+            "url": self.url,
+            "id": repo.id,
+            "snapshots": len(repo.snapshots()),
+            "packs": len(packs),
+            "bytes": sum(p.size for p in packs),
+        }

@@ -1,0 +1,424 @@
+"""Bytes on disk: packs, index fragments, trees and manifests, and their strict parsers.
+
+Every parser here takes untrusted bytes (the vault may be damaged or hostile) and
+either returns well-formed values or raises VaultCorrupt; nothing else escapes.
+These are the functions the fuzz tests hammer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import blake3
+import zstandard
+
+from ..errors import VaultCorrupt
+
+FORMAT_VERSION = 1
+HASH_LEN = 32  # BLAKE3 digest bytes
+
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+CODECS = (CODEC_RAW, CODEC_ZSTD)
+
+PACK_MAGIC = b"LRPACK01"
+PACK_TRAILER = struct.Struct("<I8s")  # header length, magic
+PACK_HEADER_MAGIC = b"LRPH"
+PACK_ENTRY = struct.Struct("<32sBII")  # blob id, codec, stored length, raw length
+PACK_HEADER_FIXED = struct.Struct("<4s16sI")  # magic, nonce, count
+MAX_BLOB = 64 << 20
+MAX_JSON = 256 << 20
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def digest(data: bytes | bytearray | memoryview) -> bytes:
+    return blake3.blake3(data).digest()
+
+
+def hexdigest(data: bytes | bytearray | memoryview) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+def is_hex_id(value: Any, length: int = 64) -> bool:
+    if not isinstance(value, str) or len(value) != length:
+        return False
+    try:
+        int(value, 16)
+    except ValueError:
+        return False
+    return value == value.lower()
+
+
+# ---------------------------------------------------------------- compression
+
+_tls_local: dict[str, Any] = {}
+
+
+def _cctx(level: int) -> zstandard.ZstdCompressor:
+    import threading
+
+    key = f"c{level}-{threading.get_ident()}"
+    ctx = _tls_local.get(key)
+    if ctx is None:
+        ctx = _tls_local[key] = zstandard.ZstdCompressor(level=level)
+    return ctx
+
+
+def _dctx() -> zstandard.ZstdDecompressor:
+    import threading
+
+    key = f"d-{threading.get_ident()}"
+    ctx = _tls_local.get(key)
+    if ctx is None:
+        ctx = _tls_local[key] = zstandard.ZstdDecompressor()
+    return ctx
+
+
+def compress(data: bytes | memoryview, level: int = 3) -> bytes:
+    return _cctx(level).compress(data)
+
+
+def decompress(data: bytes | memoryview, raw_length: int) -> bytes:
+    if raw_length > MAX_BLOB * 4:
+        raise VaultCorrupt(f"blob claims {raw_length} bytes, more than any liferaft writes")
+    try:
+        out = _dctx().decompress(data, max_output_size=raw_length)
+    except zstandard.ZstdError as err:
+        raise VaultCorrupt(f"compressed blob does not decode: {err}") from None
+    if len(out) != raw_length:
+        raise VaultCorrupt(f"blob decodes to {len(out)} bytes, expected {raw_length}")
+    return out
+
+
+SAMPLE = 16 << 10
+
+
+def maybe_compress(data: bytes | memoryview) -> tuple[int, bytes | memoryview]:
+    """Compress only when it pays: a 16 KiB sample decides, so random bytes cost little."""
+    n = len(data)
+    if n < 256:
+        return CODEC_RAW, data
+    sample = data[:SAMPLE] if n > SAMPLE else data
+    if len(compress(sample, 1)) > 0.9 * len(sample):
+        return CODEC_RAW, data
+    packed = compress(data, 3)
+    if len(packed) > 0.95 * n:
+        return CODEC_RAW, data
+    return CODEC_ZSTD, packed
+
+
+def unpack_blob(blob_id: bytes, codec: int, stored: bytes | memoryview, raw_length: int) -> bytes:
+    """Decode a stored blob and check it against its id."""
+    if codec == CODEC_ZSTD:
+        data: bytes | memoryview = decompress(stored, raw_length)
+    elif codec == CODEC_RAW:
+        data = stored
+        if len(data) != raw_length:
+            raise VaultCorrupt(f"blob {blob_id.hex()[:12]} is {len(data)} bytes, expected {raw_length}")
+    else:
+        raise VaultCorrupt(f"blob {blob_id.hex()[:12]} has unknown codec {codec}")
+    if digest(data) != blob_id:
+        raise VaultCorrupt(f"blob {blob_id.hex()[:12]} does not match its hash")
+    return bytes(data)
+
+
+# ---------------------------------------------------------------- packs
+
+
+@dataclass(frozen=True)
+class PackEntry:
+    blob_id: bytes
+    codec: int
+    offset: int
+    length: int
+    raw_length: int
+
+
+def build_pack_header(nonce: bytes, entries: list[PackEntry]) -> bytes:
+    parts = [PACK_HEADER_FIXED.pack(PACK_HEADER_MAGIC, nonce, len(entries))]
+    parts += [PACK_ENTRY.pack(e.blob_id, e.codec, e.length, e.raw_length) for e in entries]
+    header = b"".join(parts)
+    return header + PACK_TRAILER.pack(len(header), PACK_MAGIC)
+
+
+def parse_pack_header(tail: bytes, pack_size: int) -> list[PackEntry]:
+    """Parse a pack's header from its last bytes (at least the whole header and trailer)."""
+    if len(tail) < PACK_TRAILER.size:
+        raise VaultCorrupt("pack too short for its trailer")
+    hlen, magic = PACK_TRAILER.unpack_from(tail, len(tail) - PACK_TRAILER.size)
+    if magic != PACK_MAGIC:
+        raise VaultCorrupt("pack trailer has the wrong magic")
+    if hlen < PACK_HEADER_FIXED.size or hlen + PACK_TRAILER.size > min(len(tail), pack_size):
+        raise VaultCorrupt("pack header length out of range")
+    start = len(tail) - PACK_TRAILER.size - hlen
+    hmagic, _nonce, count = PACK_HEADER_FIXED.unpack_from(tail, start)
+    if hmagic != PACK_HEADER_MAGIC:
+        raise VaultCorrupt("pack header has the wrong magic")
+    if PACK_HEADER_FIXED.size + count * PACK_ENTRY.size != hlen:
+        raise VaultCorrupt("pack header count does not match its length")
+    entries = []
+    offset = 0
+    pos = start + PACK_HEADER_FIXED.size
+    data_end = pack_size - PACK_TRAILER.size - hlen
+    for _ in range(count):
+        blob_id, codec, length, raw_length = PACK_ENTRY.unpack_from(tail, pos)
+        pos += PACK_ENTRY.size
+        if codec not in CODECS:
+            raise VaultCorrupt(f"pack entry with unknown codec {codec}")
+        if offset + length > data_end:
+            raise VaultCorrupt("pack entry runs past the data")
+        entries.append(PackEntry(blob_id, codec, offset, length, raw_length))
+        offset += length
+    if offset != data_end:
+        raise VaultCorrupt("pack data length does not match its header")
+    return entries
+
+
+# ---------------------------------------------------------------- JSON documents
+
+
+def encode_doc(obj: Any, compressed: bool = True) -> bytes:
+    raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return compress(raw, 3) if compressed else raw
+
+
+def decode_doc(data: bytes, what: str) -> Any:
+    if len(data) > MAX_JSON:
+        raise VaultCorrupt(f"{what} is implausibly large ({len(data)} bytes)")
+    if data[:4] == ZSTD_MAGIC:
+        try:
+            data = zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_JSON)
+        except zstandard.ZstdError as err:
+            raise VaultCorrupt(f"{what} does not decompress: {err}") from None
+    try:
+        return json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, RecursionError, UnicodeDecodeError) as err:
+        raise VaultCorrupt(f"{what} is not valid JSON: {err}") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _int(value: Any, what: str, lo: int = 0, hi: int = 1 << 62) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise VaultCorrupt(f"{what} must be an integer in [{lo}, {hi}], got {value!r:.40}")
+    return value
+
+
+def _str(value: Any, what: str, maxlen: int = 4096) -> str:
+    if not isinstance(value, str) or len(value) > maxlen:
+        raise VaultCorrupt(f"{what} must be a string")
+    return value
+
+
+# ---------------------------------------------------------------- index fragments
+
+IndexEntry = tuple[str, int, int, int, int]  # pack id, codec, offset, length, raw length
+
+
+def parse_index(data: bytes) -> dict[bytes, IndexEntry]:
+    """Parse an index fragment into blob id → (pack, codec, offset, length, raw length)."""
+    doc = decode_doc(data, "index fragment")
+    if not isinstance(doc, dict) or doc.get("v") != FORMAT_VERSION or not isinstance(doc.get("packs"), dict):
+        raise VaultCorrupt("index fragment has the wrong shape")
+    out: dict[bytes, IndexEntry] = {}
+    for pack_id, pack in doc["packs"].items():
+        if not is_hex_id(pack_id) or not isinstance(pack, dict):
+            raise VaultCorrupt("index fragment names a bad pack id")
+        size = _int(pack.get("size"), "pack size")
+        blobs = pack.get("blobs")
+        if not isinstance(blobs, list):
+            raise VaultCorrupt("index fragment pack without blobs")
+        for item in blobs:
+            if not isinstance(item, list) or len(item) != 5 or not is_hex_id(item[0]):
+                raise VaultCorrupt("index fragment entry has the wrong shape")
+            codec = _int(item[1], "codec", 0, max(CODECS))
+            offset = _int(item[2], "offset", 0, size)
+            length = _int(item[3], "length", 0, size)
+            raw_length = _int(item[4], "raw length", 0, MAX_BLOB * 4)
+            if offset + length > size:
+                raise VaultCorrupt("index fragment entry runs past its pack")
+            out[bytes.fromhex(item[0])] = (pack_id, codec, offset, length, raw_length)
+    return out
+
+
+def build_index(packs: dict[str, tuple[int, list[PackEntry]]], nonce: str) -> bytes:
+    doc = {
+        "v": FORMAT_VERSION,
+        "nonce": nonce,
+        "packs": {
+            pid: {
+                "size": size,
+                "blobs": [[e.blob_id.hex(), e.codec, e.offset, e.length, e.raw_length] for e in entries],
+            }
+            for pid, (size, entries) in packs.items()
+        },
+    }
+    return encode_doc(doc)
+
+
+# ---------------------------------------------------------------- trees
+
+TYPE_FILE = "f"
+TYPE_DIR = "d"
+TYPE_LINK = "l"
+
+
+@dataclass
+class Entry:
+    """One thing in a snapshot's tree. ``path`` is relative and ``/`` separated."""
+
+    path: str
+    type: str
+    mode: int = 0o644
+    mtime_ns: int = 0
+    size: int = 0
+    blobs: list[str] = field(default_factory=list)
+    target: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"p": self.path, "t": self.type, "m": self.mode, "n": self.mtime_ns}
+        if self.type == TYPE_FILE:
+            d["s"] = self.size
+            d["b"] = self.blobs
+        elif self.type == TYPE_LINK:
+            d["l"] = self.target
+        return d
+
+
+def check_rel_path(path: Any, what: str = "path") -> str:
+    """Refuse anything that could leave the restore target: absolute, ``..``, odd names."""
+    if not isinstance(path, str) or not path or len(path) > 4096:
+        raise VaultCorrupt(f"{what} is empty or not a string")
+    if "\x00" in path or "\\" in path:
+        raise VaultCorrupt(f"{what} {path!r:.80} has a NUL or a backslash")
+    if path.startswith("/") or (len(path) > 1 and path[1] == ":"):
+        raise VaultCorrupt(f"{what} {path!r:.80} is absolute")
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            raise VaultCorrupt(f"{what} {path!r:.80} has an empty, '.' or '..' component")
+    return path
+
+
+def encode_tree(entries: list[Entry]) -> bytes:
+    lines = [json.dumps(e.to_json(), separators=(",", ":"), ensure_ascii=False) for e in entries]
+    return ("\n".join(lines) + "\n").encode() if lines else b""
+
+
+def parse_tree(data: bytes) -> list[Entry]:
+    """Parse a tree (JSON lines) and check it is a well-formed, escape-free tree."""
+    if len(data) > MAX_JSON:
+        raise VaultCorrupt("tree is implausibly large")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise VaultCorrupt("tree is not UTF-8") from None
+    entries: list[Entry] = []
+    kinds: dict[str, str] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line:
+            continue
+        try:
+            d = json.loads(line, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as err:
+            raise VaultCorrupt(f"tree line {lineno} is not JSON: {err}") from None
+        if not isinstance(d, dict):
+            raise VaultCorrupt(f"tree line {lineno} is not an object")
+        path = check_rel_path(d.get("p"), f"tree line {lineno} path")
+        kind = d.get("t")
+        if kind not in (TYPE_FILE, TYPE_DIR, TYPE_LINK):
+            raise VaultCorrupt(f"tree entry {path!r} has unknown type {kind!r:.20}")
+        if path in kinds:
+            raise VaultCorrupt(f"tree lists {path!r} twice")
+        parent = path.rpartition("/")[0]
+        if parent and kinds.get(parent) != TYPE_DIR:
+            raise VaultCorrupt(f"tree entry {path!r} is not inside a directory listed before it")
+        entry = Entry(path, kind, _int(d.get("m"), "mode", 0, 0o7777), _int(d.get("n"), "mtime", -(1 << 62)))
+        if kind == TYPE_FILE:
+            entry.size = _int(d.get("s"), "size")
+            blobs = d.get("b")
+            if not isinstance(blobs, list) or not all(is_hex_id(b) for b in blobs):
+                raise VaultCorrupt(f"tree entry {path!r} has bad blob ids")
+            if entry.size and not blobs:
+                raise VaultCorrupt(f"tree entry {path!r} has bytes but no blobs")
+            entry.blobs = blobs
+        elif kind == TYPE_LINK:
+            entry.target = _str(d.get("l"), f"link target of {path!r}")
+            if not entry.target or "\x00" in entry.target:
+                raise VaultCorrupt(f"link {path!r} has an empty target")
+        kinds[path] = kind
+        entries.append(entry)
+    return entries
+
+
+def link_escapes(path: str, target: str) -> bool:
+    """True when a link at ``path`` (tree-relative) pointing to ``target`` leaves the tree."""
+    if target.startswith("/") or "\\" in target or (len(target) > 1 and target[1] == ":"):
+        return True
+    depth = len(path.split("/")) - 1  # folders above the link, inside the tree
+    for part in target.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        else:
+            depth += 1
+    return False
+
+
+# ---------------------------------------------------------------- manifests
+
+RUN_MAX = 200
+
+
+def parse_manifest(data: bytes, snapshot_id: str | None = None) -> dict[str, Any]:
+    """Parse and validate a snapshot manifest; ``snapshot_id`` must be the hash of its bytes."""
+    if snapshot_id is not None and hexdigest(data) != snapshot_id:
+        raise VaultCorrupt(f"snapshot {snapshot_id[:12]} does not match its hash")
+    doc = decode_doc(data, "snapshot manifest")
+    if not isinstance(doc, dict):
+        raise VaultCorrupt("snapshot manifest is not an object")
+    if doc.get("v") != FORMAT_VERSION:
+        raise VaultCorrupt(f"snapshot manifest has unknown version {doc.get('v')!r:.20}")
+    _str(doc.get("run"), "run", RUN_MAX)
+    if doc.get("step") is not None:
+        _int(doc["step"], "step", -(1 << 62))
+    _int(doc.get("time_ns"), "time_ns")
+    _str(doc.get("host", ""), "host")
+    if doc.get("parent") is not None and not is_hex_id(doc["parent"]):
+        raise VaultCorrupt("snapshot parent is not an id")
+    for key in ("tags", "metrics"):
+        value = doc.get(key, {})
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise VaultCorrupt(f"snapshot {key} must be an object")
+    for k, v in doc.get("metrics", {}).items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
+            raise VaultCorrupt(f"metric {k!r:.40} is not a finite number")
+    roots = doc.get("roots")
+    if not isinstance(roots, list):
+        raise VaultCorrupt("snapshot roots must be a list")
+    names = set()
+    for root in roots:
+        if not isinstance(root, dict):
+            raise VaultCorrupt("snapshot root is not an object")
+        name = check_rel_path(root.get("name"), "root name")
+        if "/" in name:
+            raise VaultCorrupt(f"root name {name!r:.80} has a '/'")
+        if name in names:
+            raise VaultCorrupt(f"root {name!r} listed twice")
+        names.add(name)
+        _str(root.get("source", ""), "root source")
+        if root.get("type") not in (TYPE_FILE, TYPE_DIR, TYPE_LINK):
+            raise VaultCorrupt(f"root {name!r} has a bad type")
+    tree = doc.get("tree")
+    if not isinstance(tree, list) or not all(is_hex_id(b) for b in tree):
+        raise VaultCorrupt("snapshot tree must be a list of blob ids")
+    return doc

@@ -1,0 +1,405 @@
+"""Keeping a vault healthy: verify, forget (retention) and prune."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..backends import BackendError, ObjectExists, ObjectNotFound
+from ..backends.local import LocalBackend
+from ..errors import LiferaftError, LockedError, VaultCorrupt
+from . import format as fmt
+from .repository import PRUNE_LOCK, STALE_AFTER, Repository, SnapshotInfo, pack_name
+
+
+# ------------------------------------------------------------------ verify
+
+
+@dataclass
+class VerifyReport:
+    snapshots: int = 0
+    packs: int = 0
+    blobs: int = 0
+    bytes_read: int = 0
+    damage: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    damaged_snapshots: set[str] = field(default_factory=set)
+
+    @property
+    def ok(self) -> bool:
+        return not self.damage
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "snapshots": self.snapshots,
+            "packs": self.packs,
+            "blobs": self.blobs,
+            "bytes_read": self.bytes_read,
+            "damage": self.damage,
+            "warnings": self.warnings,
+            "damaged_snapshots": sorted(self.damaged_snapshots),
+        }
+
+
+def verify(repo: Repository, *, read_data: bool = False, on_progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+    """Check every snapshot's structure; with ``read_data`` also every byte of every pack."""
+    report = VerifyReport()
+    damaged_manifests: list[str] = []
+    snaps = repo.snapshots(damaged=damaged_manifests)
+    report.damage += damaged_manifests
+    report.snapshots = len(snaps)
+    fragments: dict[str, dict[bytes, fmt.IndexEntry]] = {}
+    for obj in repo._list("index/"):
+        fid = obj.name.rsplit("/", 1)[-1]
+        try:
+            fragments[fid] = repo._load_fragment(obj.name)
+        except ObjectNotFound:
+            continue
+        except LiferaftError as err:
+            report.damage.append(f"index fragment {obj.name}: {err}")
+    index: dict[bytes, fmt.IndexEntry] = {}
+    for frag in fragments.values():
+        index.update(frag)
+    packs = {o.name.rsplit("/", 1)[-1]: o.size for o in repo._list("packs/")}
+    # Which snapshots depend on each blob.
+    users: dict[bytes, set[str]] = defaultdict(set)
+    for snap in snaps:
+        for b in snap.tree:
+            users[bytes.fromhex(b)].add(snap.id)
+        try:
+            tree = _read_tree_with(repo, snap, index)
+        except LiferaftError as err:
+            report.damage.append(f"snapshot {snap.short_id} (run {snap.run}, step {snap.step}): tree unreadable: {err}")
+            report.damaged_snapshots.add(snap.id)
+            continue
+        for e in tree:
+            for b in e.blobs:
+                users[bytes.fromhex(b)].add(snap.id)
+
+    def blame(blob_ids: set[bytes]) -> str:
+        ids = set().union(*(users.get(b, set()) for b in blob_ids)) if blob_ids else set()
+        report.damaged_snapshots |= ids
+        return ", ".join(sorted(i[:12] for i in ids)) or "no snapshot"
+
+    for bid in users:
+        entry = index.get(bid)
+        if entry is None:
+            report.damage.append(f"blob {bid.hex()[:12]} is missing from the index; needed by snapshot(s) {blame({bid})}")
+        elif entry[0] not in packs:
+            report.damage.append(f"pack {pack_name(entry[0])} is missing; needed by snapshot(s) {blame({bid})}")
+    by_pack: dict[str, list[tuple[bytes, fmt.IndexEntry]]] = defaultdict(list)
+    for bid, entry in index.items():
+        by_pack[entry[0]].append((bid, entry))
+    for pid, items in by_pack.items():
+        end = max(e[2] + e[3] for _b, e in items)
+        if pid in packs and packs[pid] < end:
+            needed = {b for b, _e in items if b in users}
+            if needed:
+                report.damage.append(f"pack {pack_name(pid)} is truncated ({packs[pid]} bytes); affects snapshot(s) {blame(needed)}")
+    report.blobs = len(index)
+    report.packs = len(packs)
+    if read_data:
+        done = 0
+        for pid, size in sorted(packs.items()):
+            needed = {bid for bid, _ in by_pack.get(pid, []) if bid in users}
+            try:
+                data = repo.backend.get(pack_name(pid))
+            except (BackendError, ObjectNotFound) as err:
+                report.damage.append(f"pack {pack_name(pid)} cannot be read: {err}")
+                continue
+            report.bytes_read += len(data)
+            done += len(data)
+            if on_progress:
+                on_progress(done, sum(packs.values()))
+            problem = None
+            if fmt.hexdigest(data) != pid:
+                problem = "its bytes do not match its hash"
+            bad_blobs: set[bytes] = set()
+            for bid, (_p, codec, off, length, raw) in by_pack.get(pid, []):
+                try:
+                    fmt.unpack_blob(bid, codec, data[off : off + length], raw)
+                except VaultCorrupt:
+                    bad_blobs.add(bid)
+            try:
+                fmt.parse_pack_header(data, len(data))
+            except VaultCorrupt as err:
+                problem = problem or f"its header is damaged ({err})"
+            if bad_blobs:
+                problem = f"{len(bad_blobs)} blob(s) fail their hash" + (f"; {problem}" if problem else "")
+            if problem:
+                hit = bad_blobs & set(users)
+                if hit or (problem and needed and not bad_blobs):
+                    report.damage.append(f"pack {pack_name(pid)} is damaged: {problem}; affects snapshot(s) {blame(hit or needed)}")
+                else:
+                    report.warnings.append(f"pack {pack_name(pid)} is damaged ({problem}) but no snapshot needs it; prune removes it")
+    return report
+
+
+def _read_tree_with(repo: Repository, snap: SnapshotInfo, index: dict[bytes, fmt.IndexEntry]) -> list[fmt.Entry]:
+    data = bytearray()
+    for b in snap.tree:
+        bid = bytes.fromhex(b)
+        entry = index.get(bid)
+        if entry is None:
+            raise VaultCorrupt(f"tree blob {b[:12]} is missing from the index")
+        pid, codec, off, length, raw = entry
+        try:
+            stored = repo.read_pack_range(pid, off, length)
+        except ObjectNotFound:
+            raise VaultCorrupt(f"pack {pid[:12]} holding tree blob {b[:12]} is missing") from None
+        data += fmt.unpack_blob(bid, codec, stored, raw)
+    return fmt.parse_tree(bytes(data))
+
+
+# ------------------------------------------------------------------ forget
+
+
+def select_forget(
+    snaps: list[SnapshotInfo],
+    run: str,
+    keep_last: int,
+    protect: set[str] | None = None,
+    healthy: Callable[[SnapshotInfo], bool] | None = None,
+) -> list[SnapshotInfo]:
+    """Snapshots of ``run`` beyond the newest ``keep_last``, never the newest healthy one."""
+    if keep_last < 1:
+        raise LiferaftError(f"--keep-last {keep_last} would forget every snapshot", "keep at least 1")
+    mine = [s for s in snaps if s.run == run]
+    keep = {s.id for s in mine[-keep_last:]} | (protect or set())
+    if healthy is not None:
+        for s in reversed(mine):
+            if healthy(s):
+                keep.add(s.id)
+                break
+    return [s for s in mine if s.id not in keep]
+
+
+def quick_check(repo: Repository, snap: SnapshotInfo) -> bool:
+    """The snapshot's tree reads and every blob it needs is in the index."""
+    try:
+        index = repo.index()
+        tree = repo.read_tree(snap)
+        return all(bytes.fromhex(b) in index for e in tree for b in e.blobs)
+    except LiferaftError:
+        return False
+
+
+# ------------------------------------------------------------------ prune
+
+
+@dataclass
+class PruneReport:
+    packs_deleted: int = 0
+    bytes_deleted: int = 0
+    packs_repacked: int = 0
+    index_rewritten: int = 0
+    temp_deleted: int = 0
+    kept_for_writers: int = 0
+    waiting_on: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def _lock_doc(doomed: list[str]) -> bytes:
+    now = time.time()
+    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "refreshed": now, "doomed": doomed}).encode()
+
+
+def prune(repo: Repository, *, wait: float = 30.0, repack_below: float = 0.5, temp_age: float = 3600.0) -> PruneReport:
+    """Delete what no snapshot needs; never what a running writer may still reference.
+
+    Protocol (see the README's design section):
+    1. take the prune lock (create-only);
+    2. list packs, index fragments, manifests; mark blobs reachable from manifests;
+    3. publish the doomed packs in the lock: writers that start from now on read it
+       and never dedup against them;
+    4. list writer sessions: those may have read the index before step 3, so wait for
+       them to end (up to ``wait`` seconds), else delete nothing this time;
+    5. mark again (they may have committed), repack partly-used packs, write the
+       replacement index fragment, delete the old fragments, then the doomed packs.
+    """
+    report = PruneReport()
+    backend = repo.backend
+    try:
+        backend.put(PRUNE_LOCK, _lock_doc([]), overwrite=False)
+    except ObjectExists:
+        doc = repo._read_lock(PRUNE_LOCK)
+        if repo._lock_live(doc):
+            who = f"{doc.get('host')} pid {doc.get('pid')}" if doc else "another process"
+            raise LockedError(f"a prune is already running on {who}", "wait for it to finish") from None
+        backend.put(PRUNE_LOCK, _lock_doc([]), overwrite=True)
+    try:
+        return _prune_locked(repo, report, wait, repack_below, temp_age)
+    finally:
+        try:
+            backend.delete(PRUNE_LOCK)
+        except BackendError:
+            pass
+
+
+def _mark(repo: Repository) -> tuple[list[SnapshotInfo], set[bytes]]:
+    damaged: list[str] = []
+    snaps = repo.snapshots(damaged=damaged)
+    if damaged:
+        raise VaultCorrupt(f"{damaged[0]}", "prune needs every snapshot readable: run `liferaft verify`, then `liferaft forget ID` the damaged one")
+    live: set[bytes] = set()
+    for snap in snaps:
+        try:
+            live.update(bytes.fromhex(b) for b in snap.tree)
+            for e in repo.read_tree(snap):
+                live.update(bytes.fromhex(b) for b in e.blobs)
+        except LiferaftError as err:
+            raise VaultCorrupt(
+                f"snapshot {snap.short_id} cannot be read ({err})",
+                "prune needs every snapshot readable: forget it with `liferaft forget ID`",
+            ) from None
+    return snaps, live
+
+
+def _prune_locked(repo: Repository, report: PruneReport, wait: float, repack_below: float, temp_age: float) -> PruneReport:
+    backend = repo.backend
+    packs = {o.name.rsplit("/", 1)[-1]: o for o in repo._list("packs/")}
+    fragments = repo.fragments()
+    _snaps, live = _mark(repo)
+    by_pack: dict[str, list[tuple[bytes, fmt.IndexEntry]]] = defaultdict(list)
+    for frag in fragments.values():
+        for bid, entry in frag.items():
+            by_pack[entry[0]].append((bid, entry))
+
+    def plan(live: set[bytes]) -> tuple[set[str], set[str]]:
+        doomed, repack = set(), set()
+        for pid in packs:
+            entries = by_pack.get(pid, [])
+            used = sum(e[3] for b, e in entries if b in live)
+            if used == 0:
+                doomed.add(pid)  # unreferenced, or an orphan of an interrupted writer
+            elif used < repack_below * packs[pid].size:
+                repack.add(pid)
+        return doomed, repack
+
+    doomed, repack = plan(live)
+    if not doomed and not repack:
+        _delete_temps(repo, report, temp_age)
+        return report
+    backend.put(PRUNE_LOCK, _lock_doc(sorted(doomed | repack)), overwrite=True)
+    deadline = time.monotonic() + wait
+    while True:
+        sessions = repo.live_sessions()
+        if not sessions:
+            break
+        if time.monotonic() >= deadline:
+            report.kept_for_writers = len(doomed | repack)
+            report.waiting_on = [f"{s.get('host')} pid {s.get('pid')}" for s in sessions]
+            return report
+        time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
+        backend.put(PRUNE_LOCK, _lock_doc(sorted(doomed | repack)), overwrite=True)
+    # Writers that were running have finished: mark again, their commits count.
+    repo.index(reload=True)
+    _snaps, live = _mark(repo)
+    doomed2, repack2 = plan(live)
+    doomed &= doomed2
+    repack &= repack2 | doomed2
+    repack -= doomed
+    # Repack the live blobs of mostly-dead packs into new packs.
+    new_entries: dict[str, tuple[int, list[fmt.PackEntry]]] = {}
+    if repack:
+        session_like = _Repacker(repo)
+        for pid in sorted(repack):
+            for bid, (_p, codec, off, length, raw) in by_pack[pid]:
+                if bid in live and bid not in session_like.seen:
+                    stored = repo.read_pack_range(pid, off, length)
+                    fmt.unpack_blob(bid, codec, stored, raw)  # never copy damage forward
+                    session_like.add(bid, codec, stored, raw)
+        new_entries = session_like.finish()
+        report.packs_repacked = len(repack)
+        doomed |= repack
+    # One replacement fragment: the surviving entries of every fragment we touch.
+    touched = {fid for fid, frag in fragments.items() if any(e[0] in doomed for e in frag.values())}
+    survivors: dict[str, tuple[int, list[fmt.PackEntry]]] = dict(new_entries)
+    for fid in touched:
+        for bid, (pid, codec, off, length, raw) in fragments[fid].items():
+            if pid in doomed:
+                continue
+            size = packs[pid].size if pid in packs else off + length
+            survivors.setdefault(pid, (size, []))[1].append(fmt.PackEntry(bid, codec, off, length, raw))
+    if survivors:
+        data = fmt.build_index(survivors, secrets.token_hex(8))
+        backend.put(f"index/{fmt.hexdigest(data)}", data, overwrite=False)
+    for fid in touched:
+        try:
+            backend.delete(f"index/{fid}")
+        except ObjectNotFound:
+            pass
+        report.index_rewritten += 1
+    for pid in sorted(doomed):
+        try:
+            backend.delete(pack_name(pid))
+            report.packs_deleted += 1
+            report.bytes_deleted += packs[pid].size
+        except ObjectNotFound:
+            pass
+    repo.index(reload=True)
+    _delete_temps(repo, report, temp_age)
+    return report
+
+
+def _delete_temps(repo: Repository, report: PruneReport, temp_age: float) -> None:
+    backend = repo.backend
+    if isinstance(backend, LocalBackend):
+        for obj in backend.list_temp():
+            if time.time() - obj.mtime > temp_age:
+                try:
+                    os.unlink(backend.root / obj.name)
+                    report.temp_deleted += 1
+                except OSError:
+                    pass
+    for obj in repo._list("locks/"):
+        if obj.name.startswith("locks/session-") and time.time() - obj.mtime > STALE_AFTER:
+            doc = repo._read_lock(obj.name)
+            if not repo._lock_live(doc):
+                try:
+                    backend.delete(obj.name)
+                except BackendError:
+                    pass
+
+
+class _Repacker:
+    """Writes already-stored blobs into fresh packs (no re-compression)."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.buf = bytearray()
+        self.entries: list[fmt.PackEntry] = []
+        self.out: dict[str, tuple[int, list[fmt.PackEntry]]] = {}
+        self.seen: set[bytes] = set()
+
+    def add(self, bid: bytes, codec: int, stored: bytes, raw: int) -> None:
+        self.entries.append(fmt.PackEntry(bid, codec, len(self.buf), len(stored), raw))
+        self.buf += stored
+        self.seen.add(bid)
+        if len(self.buf) >= self.repo.pack_target:
+            self._seal()
+
+    def _seal(self) -> None:
+        if not self.entries:
+            return
+        self.buf += fmt.build_pack_header(secrets.token_bytes(16), self.entries)
+        data = bytes(self.buf)
+        pid = fmt.hexdigest(data)
+        self.repo.backend.put(pack_name(pid), data, overwrite=False)
+        self.out[pid] = (len(data), self.entries)
+        self.buf = bytearray()
+        self.entries = []
+
+    def finish(self) -> dict[str, tuple[int, list[fmt.PackEntry]]]:
+        self._seal()
+        return self.out

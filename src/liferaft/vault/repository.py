@@ -1,0 +1,610 @@
+"""The repository: config, packs, index fragments, manifests, locks, verify, forget, prune.
+
+Commit order is packs → index fragment → manifest. The manifest is written last and
+create-only: a snapshot exists exactly when its manifest does, and a manifest is only
+written once every byte it references is durable in the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import __version__
+from ..backends import Backend, BackendError, NoSpace, ObjectExists, ObjectNotFound
+from ..errors import (
+    LiferaftError,
+    LockedError,
+    NotAVault,
+    SnapshotNotFound,
+    VaultCorrupt,
+    VaultFormatTooNew,
+    VaultFull,
+    VaultNotFound,
+    VaultUnreachable,
+)
+from . import format as fmt
+
+CONFIG = "config.json"
+PACK_TARGET = 32 << 20
+SESSION_REFRESH = 30.0
+STALE_AFTER = 300.0
+PRUNE_LOCK = "locks/prune.json"
+
+
+def pack_name(pack_id: str) -> str:
+    return f"packs/{pack_id[:2]}/{pack_id}"
+
+
+@dataclass(frozen=True)
+class ChunkerParams:
+    min_size: int = 256 << 10
+    avg_size: int = 1 << 20
+    max_size: int = 4 << 20
+    seed: int = 0
+    small_file: int = 1 << 20
+
+
+@dataclass
+class SnapshotInfo:
+    """A committed snapshot, as listed by ``Vault.snapshots()``."""
+
+    id: str
+    run: str
+    step: int | None
+    time_ns: int
+    host: str
+    tags: dict[str, str]
+    metrics: dict[str, float]
+    parent: str | None
+    roots: list[dict[str, Any]]
+    tree: list[str]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+    @property
+    def time(self) -> float:
+        return self.time_ns / 1e9
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "run": self.run,
+            "step": self.step,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.time)),
+            "time_ns": self.time_ns,
+            "host": self.host,
+            "tags": self.tags,
+            "metrics": self.metrics,
+            "parent": self.parent,
+            "paths": [r["name"] for r in self.roots],
+            "stats": self.stats,
+        }
+
+
+def _wrap_backend_errors(what: str, url: str) -> Callable[[BaseException], LiferaftError]:
+    def convert(err: BaseException) -> LiferaftError:
+        if isinstance(err, LiferaftError):
+            return err
+        if isinstance(err, NoSpace):
+            return VaultFull(f"the vault at {url} is full while {what}", "free space or choose another vault; committed snapshots are intact")
+        return VaultUnreachable(f"the vault at {url} failed while {what}: {err}", "check the location and retry; committed snapshots are intact")
+
+    return convert
+
+
+class Repository:
+    """A vault's storage layer over a Backend."""
+
+    def __init__(self, backend: Backend, config: dict[str, Any]) -> None:
+        self.backend = backend
+        self.config = config
+        c = config["chunker"]
+        self.chunker = ChunkerParams(c["min"], c["avg"], c["max"], c["seed"], c["small_file"])
+        self.pack_target = int(config.get("pack_size", PACK_TARGET))
+        self._index: dict[bytes, fmt.IndexEntry] | None = None
+        self._fragments: dict[str, dict[bytes, fmt.IndexEntry]] = {}
+        self._manifests: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ open / create
+
+    @property
+    def id(self) -> str:
+        return str(self.config["id"])
+
+    @classmethod
+    def open(cls, backend: Backend, *, create: bool = False) -> Repository:
+        try:
+            raw = backend.get(CONFIG)
+        except ObjectNotFound:
+            raw = None
+        except BackendError as err:
+            raise _wrap_backend_errors("reading its config", backend.url)(err) from None
+        if raw is None:
+            if not create:
+                if backend.exists_location() and not backend.is_empty():
+                    raise NotAVault(
+                        f"{backend.url} is not a liferaft vault (it has files but no {CONFIG})",
+                        "point --vault at an empty or new folder, or at an existing vault",
+                    )
+                raise VaultNotFound(f"no vault at {backend.url}", "take a snapshot to create it, or check --vault")
+            if not backend.is_empty():
+                raise NotAVault(
+                    f"{backend.url} is not a liferaft vault (it has files but no {CONFIG})",
+                    "point --vault at an empty or new folder, or at an existing vault",
+                )
+            return cls._create(backend)
+        config = cls._parse_config(raw, backend.url)
+        return cls(backend, config)
+
+    @staticmethod
+    def _parse_config(raw: bytes, url: str) -> dict[str, Any]:
+        try:
+            config = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise VaultCorrupt(f"{url}/{CONFIG} is not valid JSON", "restore it from a copy, or start a new vault") from None
+        if not isinstance(config, dict) or not isinstance(config.get("format"), int):
+            raise VaultCorrupt(f"{url}/{CONFIG} has no format version", "restore it from a copy, or start a new vault")
+        if config["format"] > fmt.FORMAT_VERSION:
+            raise VaultFormatTooNew(
+                f"the vault at {url} has format {config['format']}, this liferaft {__version__} reads up to {fmt.FORMAT_VERSION}",
+                "upgrade: pip install -U liferaft",
+            )
+        try:
+            c = config["chunker"]
+            ChunkerParams(int(c["min"]), int(c["avg"]), int(c["max"]), int(c["seed"]), int(c["small_file"]))
+            str(config["id"])
+        except (KeyError, TypeError, ValueError):
+            raise VaultCorrupt(f"{url}/{CONFIG} lacks chunker parameters", "restore it from a copy") from None
+        return config
+
+    @classmethod
+    def _create(cls, backend: Backend) -> Repository:
+        params = ChunkerParams(seed=secrets.randbelow(1 << 31) + 1)
+        config = {
+            "format": fmt.FORMAT_VERSION,
+            "id": uuid.uuid4().hex,
+            "hash": "blake3",
+            "chunker": {
+                "name": "fastcdc2020",
+                "min": params.min_size,
+                "avg": params.avg_size,
+                "max": params.max_size,
+                "seed": params.seed,
+                "small_file": params.small_file,
+            },
+            "compression": "zstd",
+            "pack_size": PACK_TARGET,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "created_by": f"liferaft {__version__}",
+        }
+        data = json.dumps(config, indent=2).encode()
+        try:
+            backend.put(CONFIG, data, overwrite=False)
+        except ObjectExists:
+            # Another process created it first: use theirs.
+            return cls.open(backend)
+        except BackendError as err:
+            raise _wrap_backend_errors("creating it", backend.url)(err) from None
+        return cls(backend, config)
+
+    # ------------------------------------------------------------ index
+
+    def _load_fragment(self, name: str) -> dict[bytes, fmt.IndexEntry]:
+        frag_id = name.rsplit("/", 1)[-1]
+        raw = self.backend.get(name)
+        if fmt.hexdigest(raw) != frag_id:
+            raise VaultCorrupt(f"index fragment {frag_id[:12]} does not match its hash")
+        return fmt.parse_index(raw)
+
+    def index(self, *, reload: bool = False, strict: bool = False) -> dict[bytes, fmt.IndexEntry]:
+        """The union of all index fragments: blob id → where it lies.
+
+        A damaged fragment is skipped (``verify`` names it) unless ``strict``.
+        """
+        with self._lock:
+            if self._index is not None and not reload:
+                return self._index
+            names = [o.name for o in self._list("index/")]
+            todo = [n for n in names if n.rsplit("/", 1)[-1] not in self._fragments]
+            bad: list[str] = []
+
+            def load(name: str) -> None:
+                try:
+                    self._fragments[name.rsplit("/", 1)[-1]] = self._load_fragment(name)
+                except ObjectNotFound:
+                    pass  # removed by a concurrent prune after it wrote the replacement
+                except VaultCorrupt as err:
+                    bad.append(f"{name}: {err}")
+
+            self._parallel(load, todo)
+            if strict and bad:
+                raise VaultCorrupt(bad[0])
+            live = {n.rsplit("/", 1)[-1] for n in names}
+            for stale in set(self._fragments) - live:
+                del self._fragments[stale]
+            merged: dict[bytes, fmt.IndexEntry] = {}
+            for frag in self._fragments.values():
+                merged.update(frag)
+            self._index = merged
+            return merged
+
+    def fragments(self) -> dict[str, dict[bytes, fmt.IndexEntry]]:
+        self.index()
+        return dict(self._fragments)
+
+    # ------------------------------------------------------------ blobs
+
+    def read_pack_range(self, pack_id: str, offset: int, length: int) -> bytes:
+        data = self.backend.get(pack_name(pack_id), offset, length)
+        if len(data) != length:
+            raise VaultCorrupt(f"pack {pack_id[:12]} is shorter than its index says")
+        return data
+
+    def read_blob(self, blob_id: bytes) -> bytes:
+        """Return a blob's bytes, checked against its id."""
+        for attempt in (0, 1):
+            entry = self.index(reload=attempt == 1).get(blob_id)
+            if entry is None:
+                if attempt == 0:
+                    continue
+                raise VaultCorrupt(f"blob {blob_id.hex()[:12]} is missing from the index")
+            pack_id, codec, offset, length, raw_length = entry
+            try:
+                stored = self.read_pack_range(pack_id, offset, length)
+            except ObjectNotFound:
+                if attempt == 0:
+                    continue  # a prune may have repacked it: look again
+                raise VaultCorrupt(f"pack {pack_id[:12]} holding blob {blob_id.hex()[:12]} is missing") from None
+            return fmt.unpack_blob(blob_id, codec, stored, raw_length)
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------ snapshots
+
+    def _list(self, prefix: str) -> list[Any]:
+        try:
+            return list(self.backend.list(prefix))
+        except BackendError as err:
+            raise _wrap_backend_errors(f"listing {prefix}", self.backend.url)(err) from None
+
+    def load_manifest(self, snapshot_id: str) -> dict[str, Any]:
+        if snapshot_id in self._manifests:
+            return self._manifests[snapshot_id]
+        try:
+            raw = self.backend.get(f"snapshots/{snapshot_id}.json")
+        except ObjectNotFound:
+            raise SnapshotNotFound(f"no snapshot {snapshot_id[:12]}", "list them with: liferaft snapshots") from None
+        doc = fmt.parse_manifest(raw, snapshot_id)
+        self._manifests[snapshot_id] = doc
+        return doc
+
+    def snapshots(self, *, damaged: list[str] | None = None) -> list[SnapshotInfo]:
+        """All committed snapshots, oldest first. Unreadable manifests go to ``damaged``."""
+        ids = []
+        for obj in self._list("snapshots/"):
+            name = obj.name.rsplit("/", 1)[-1]
+            if name.endswith(".json") and fmt.is_hex_id(name[:-5]):
+                ids.append(name[:-5])
+        out: list[SnapshotInfo] = []
+
+        def load(sid: str) -> None:
+            try:
+                doc = self.load_manifest(sid)
+            except SnapshotNotFound:
+                return  # forgotten meanwhile
+            except VaultCorrupt as err:
+                if damaged is not None:
+                    damaged.append(f"snapshot {sid[:12]}: {err}")
+                return
+            out.append(info_from_manifest(sid, doc))
+
+        self._parallel(load, ids)
+        out.sort(key=lambda s: (s.time_ns, s.id))
+        return out
+
+    def find(self, ref: str) -> SnapshotInfo:
+        """A snapshot by id or unique id prefix (at least 4 characters)."""
+        ref = ref.strip().lower()
+        if len(ref) < 4:
+            raise SnapshotNotFound(f"snapshot id {ref!r} is too short", "give at least 4 characters of the id")
+        matches = [s for s in self.snapshots() if s.id.startswith(ref)]
+        if not matches:
+            raise SnapshotNotFound(f"no snapshot with id {ref!r}", "list them with: liferaft snapshots")
+        if len(matches) > 1:
+            raise SnapshotNotFound(f"snapshot id {ref!r} is ambiguous ({len(matches)} match)", "give more characters")
+        return matches[0]
+
+    def read_tree(self, snap: SnapshotInfo | dict[str, Any]) -> list[fmt.Entry]:
+        tree_ids = snap.tree if isinstance(snap, SnapshotInfo) else snap["tree"]
+        data = b"".join(self.read_blob(bytes.fromhex(b)) for b in tree_ids)
+        return fmt.parse_tree(data)
+
+    def commit(self, manifest: dict[str, Any]) -> str:
+        """Write the manifest create-only: the commit point."""
+        data = fmt.encode_doc(manifest, compressed=False)
+        sid = fmt.hexdigest(data)
+        try:
+            self.backend.put(f"snapshots/{sid}.json", data, overwrite=False)
+        except ObjectExists:
+            pass  # the very same bytes are already committed
+        except BackendError as err:
+            raise _wrap_backend_errors("committing a snapshot", self.backend.url)(err) from None
+        self._manifests[sid] = manifest
+        return sid
+
+    def forget(self, snapshot_ids: Iterable[str]) -> list[str]:
+        removed = []
+        for sid in snapshot_ids:
+            try:
+                self.backend.delete(f"snapshots/{sid}.json")
+                removed.append(sid)
+            except ObjectNotFound:
+                pass
+            except BackendError as err:
+                raise _wrap_backend_errors("forgetting a snapshot", self.backend.url)(err) from None
+            self._manifests.pop(sid, None)
+        return removed
+
+    # ------------------------------------------------------------ sessions and locks
+
+    def _read_lock(self, name: str) -> dict[str, Any] | None:
+        try:
+            doc = json.loads(self.backend.get(name))
+        except (ObjectNotFound, ValueError, UnicodeDecodeError):
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    def _lock_live(self, doc: dict[str, Any] | None) -> bool:
+        if doc is None:
+            return False
+        refreshed = doc.get("refreshed")
+        return isinstance(refreshed, (int, float)) and time.time() - refreshed < STALE_AFTER
+
+    def live_sessions(self) -> list[dict[str, Any]]:
+        out = []
+        for obj in self._list("locks/"):
+            if not obj.name.startswith("locks/session-"):
+                continue
+            doc = self._read_lock(obj.name)
+            if self._lock_live(doc):
+                assert doc is not None
+                doc["name"] = obj.name
+                out.append(doc)
+            elif time.time() - obj.mtime > STALE_AFTER:
+                try:
+                    self.backend.delete(obj.name)  # a dead writer's session
+                except BackendError:
+                    pass
+        return out
+
+    def doomed_packs(self) -> set[str]:
+        """Packs a running prune is about to delete: writers must not dedup against them."""
+        doc = self._read_lock(PRUNE_LOCK)
+        if not self._lock_live(doc):
+            return set()
+        assert doc is not None
+        return {p for p in doc.get("doomed", []) if isinstance(p, str)}
+
+    def session(self, **kw: Any) -> WriteSession:
+        return WriteSession(self, **kw)
+
+    # ------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _parallel(fn: Callable[[Any], None], items: list[Any], workers: int = 8) -> None:
+        if len(items) <= 1:
+            for item in items:
+                fn(item)
+            return
+        with ThreadPoolExecutor(min(workers, len(items))) as pool:
+            for f in [pool.submit(fn, item) for item in items]:
+                f.result()
+
+
+def info_from_manifest(sid: str, doc: dict[str, Any]) -> SnapshotInfo:
+    return SnapshotInfo(
+        id=sid,
+        run=doc["run"],
+        step=doc.get("step"),
+        time_ns=doc["time_ns"],
+        host=doc.get("host", ""),
+        tags=dict(doc.get("tags", {})),
+        metrics=dict(doc.get("metrics", {})),
+        parent=doc.get("parent"),
+        roots=list(doc["roots"]),
+        tree=list(doc["tree"]),
+        stats=dict(doc.get("stats", {})) if isinstance(doc.get("stats"), dict) else {},
+    )
+
+
+class WriteSession:
+    """One writer's packs, index fragment and session lock.
+
+    ``add`` hashes and dedups a blob, appends it to the open pack and hands full packs
+    to background uploads (at most ``max_pending`` in memory). ``commit`` writes the
+    remaining pack, the index fragment and then the manifest. A background failure is
+    raised by the next call.
+    """
+
+    def __init__(self, repo: Repository, *, max_pending: int = 2, upload_workers: int = 2) -> None:
+        self.repo = repo
+        self.backend = repo.backend
+        self.id = uuid.uuid4().hex
+        self.lock_name = f"locks/session-{self.id}.json"
+        self.started = time.time()
+        self._convert = _wrap_backend_errors("writing a snapshot", self.backend.url)
+        self._write_lock()  # before reading the prune lock: see prune()
+        doomed = repo.doomed_packs()
+        index = repo.index(reload=True)
+        self.known: set[bytes] = {b for b, e in index.items() if e[0] not in doomed}
+        self._buf = bytearray()
+        self._entries: list[fmt.PackEntry] = []
+        self._packs: dict[str, tuple[int, list[fmt.PackEntry]]] = {}
+        self._pool = ThreadPoolExecutor(upload_workers, thread_name_prefix="liferaft-upload")
+        self._slots = threading.Semaphore(max_pending)
+        self._futures: list[Future[None]] = []
+        self._error: BaseException | None = None
+        self.added_bytes = 0
+        self.added_blobs = 0
+        self.stored_bytes = 0
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._refresh, name="liferaft-session", daemon=True)
+        self._heartbeat.start()
+        self.closed = False
+
+    # -- lock
+
+    def _write_lock(self) -> None:
+        doc = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": self.started,
+            "refreshed": time.time(),
+        }
+        try:
+            self.backend.put(self.lock_name, json.dumps(doc).encode(), overwrite=True)
+        except BackendError as err:
+            raise self._convert(err) from None
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(SESSION_REFRESH):
+            try:
+                self._write_lock()
+            except LiferaftError:
+                pass
+
+    # -- blobs
+
+    def _check(self) -> None:
+        if self._error is not None:
+            err = self._error
+            raise err
+
+    def has(self, blob_id: bytes) -> bool:
+        return blob_id in self.known
+
+    def add(self, data: bytes | bytearray | memoryview, blob_id: bytes | None = None, *, compress: bool | None = None) -> bytes:
+        """Store a blob unless the vault already has it; return its id."""
+        self._check()
+        if blob_id is None:
+            blob_id = fmt.digest(data)
+        if blob_id in self.known:
+            return blob_id
+        if compress is None:
+            codec, stored = fmt.maybe_compress(data)
+        elif compress:
+            codec, stored = fmt.CODEC_ZSTD, fmt.compress(data)
+        else:
+            codec, stored = fmt.CODEC_RAW, data
+        self._entries.append(fmt.PackEntry(blob_id, codec, len(self._buf), len(stored), len(data)))
+        self._buf += stored
+        self.known.add(blob_id)
+        self.added_bytes += len(data)
+        self.stored_bytes += len(stored)
+        self.added_blobs += 1
+        if len(self._buf) >= self.repo.pack_target:
+            self._seal()
+        return blob_id
+
+    def _seal(self) -> None:
+        if not self._entries:
+            return
+        self._buf += fmt.build_pack_header(secrets.token_bytes(16), self._entries)
+        data = bytes(self._buf)
+        pack_id = fmt.hexdigest(data)
+        self._packs[pack_id] = (len(data), self._entries)
+        self._buf = bytearray()
+        self._entries = []
+        self._slots.acquire()
+        try:
+            self._check()
+        except BaseException:
+            self._slots.release()
+            raise
+        fut = self._pool.submit(self._upload, pack_id, data)
+        self._futures.append(fut)
+
+    def _upload(self, pack_id: str, data: bytes) -> None:
+        try:
+            self.backend.put(pack_name(pack_id), data, overwrite=False)
+        except ObjectExists:
+            pass  # same bytes, random nonce: only a retry of ours can collide
+        except BaseException as err:  # noqa: BLE001 - surfaced on the next call
+            if self._error is None:
+                self._error = self._convert(err)
+        finally:
+            self._slots.release()
+
+    def flush(self) -> list[str]:
+        """Seal the open pack, wait for uploads, write this session's index fragment."""
+        self._seal()
+        for fut in self._futures:
+            fut.result()
+        self._futures.clear()
+        self._check()
+        if not self._packs:
+            return []
+        data = fmt.build_index(self._packs, secrets.token_hex(8))
+        frag_id = fmt.hexdigest(data)
+        try:
+            self.backend.put(f"index/{frag_id}", data, overwrite=False)
+        except ObjectExists:
+            pass
+        except BackendError as err:
+            raise self._convert(err) from None
+        for pid, (_size, entries) in self._packs.items():
+            for e in entries:
+                self.repo._fragments.setdefault(frag_id, {})[e.blob_id] = (pid, e.codec, e.offset, e.length, e.raw_length)
+        self.repo._index = None
+        self._packs = {}
+        return [frag_id]
+
+    def commit(self, manifest: dict[str, Any]) -> str:
+        """Flush, check our session is still registered, then write the manifest."""
+        self.flush()
+        if not self.backend.exists(self.lock_name):
+            raise LockedError(
+                "this writer's session expired (a prune took it for dead) before the commit",
+                "take the snapshot again",
+            )
+        return self.repo.commit(manifest)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._stop.set()
+        self._pool.shutdown(wait=True)
+        try:
+            self.backend.delete(self.lock_name)
+        except BackendError:
+            pass
+
+    def __enter__(self) -> WriteSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def iter_referenced(repo: Repository, snaps: list[SnapshotInfo]) -> Iterator[tuple[SnapshotInfo, bytes]]:
+    """Every blob id each snapshot references (trees and file contents)."""
+    for snap in snaps:
+        for b in snap.tree:
+            yield snap, bytes.fromhex(b)
+        for entry in repo.read_tree(snap):
+            for b in entry.blobs:
+                yield snap, bytes.fromhex(b)

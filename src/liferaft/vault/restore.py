@@ -1,0 +1,323 @@
+"""Snapshot back to folders: the restorer.
+
+Every blob is checked against its BLAKE3 id before a byte of it is written. Files are
+written to temp names beside their final place and renamed only once the whole
+snapshot has been read and verified, so a damaged snapshot changes nothing on disk
+(and the caller can fall back to the one before). Nothing is written through a link
+or outside the target: paths are checked, parent folders must be real folders, and
+links that point out of the tree are not created.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+import threading
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..backends import ObjectNotFound
+from ..errors import RestoreRefused, VaultCorrupt
+from ..progress import Progress
+from . import format as fmt
+from .repository import Repository, SnapshotInfo
+from .statcache import StatCache, stat_key
+
+SEGMENT = 16 << 20
+GAP = 1 << 20
+
+
+@dataclass
+class RestoreResult:
+    snapshot: SnapshotInfo
+    destinations: dict[str, Path]
+    files: int = 0
+    nbytes: int = 0
+    skipped_links: list[str] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)
+
+
+def _check_source(source: str) -> Path:
+    if not source.startswith("/") or "\x00" in source or ".." in source.split("/"):
+        raise VaultCorrupt(f"snapshot names an unsafe original location {source!r:.80}")
+    return Path(source)
+
+
+def destinations(snap: SnapshotInfo, to: str | os.PathLike[str] | None) -> dict[str, Path]:
+    out = {}
+    for root in snap.roots:
+        name = root["name"]
+        out[name] = Path(os.path.abspath(to)) / name if to is not None else _check_source(root.get("source", ""))
+    return out
+
+
+def _describe(st: os.stat_result) -> str:
+    if stat.S_ISLNK(st.st_mode):
+        return "link"
+    if stat.S_ISDIR(st.st_mode):
+        return "folder"
+    return "file"
+
+
+class _Tree:
+    """Makes folders below a destination root without ever following a link."""
+
+    def __init__(self) -> None:
+        self.made: set[Path] = set()
+
+    def ensure_root(self, root: Path) -> None:
+        if root in self.made:
+            return
+        try:
+            st = os.stat(root)  # the root itself may be a link the user made (e.g. to Drive)
+            if not stat.S_ISDIR(st.st_mode):
+                raise RestoreRefused(f"{root} is a file where a folder is to be restored", "move it away or restore with --to DIR")
+        except FileNotFoundError:
+            os.makedirs(root, exist_ok=True)
+        self.made.add(root)
+
+    def ensure(self, root: Path, rel_parts: list[str]) -> Path:
+        self.ensure_root(root)
+        path = root
+        for part in rel_parts:
+            path = path / part
+            if path in self.made:
+                continue
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                os.mkdir(path, 0o755)
+            else:
+                if not stat.S_ISDIR(st.st_mode):
+                    raise RestoreRefused(
+                        f"{path} is a {_describe(st)} where the snapshot has a folder",
+                        "move it away or restore with --to DIR",
+                    )
+            self.made.add(path)
+        return path
+
+
+def _split(entry_path: str) -> tuple[str, list[str]]:
+    parts = entry_path.split("/")
+    return parts[0], parts[1:]
+
+
+def restore_snapshot(
+    repo: Repository,
+    snap: SnapshotInfo,
+    *,
+    to: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+    workers: int = 4,
+    update_cache: bool = True,
+) -> RestoreResult:
+    """Restore ``snap`` into ``to`` (each saved path as ``to/NAME``) or back where it was."""
+    progress = progress or Progress()
+    entries = repo.read_tree(snap)
+    dests = destinations(snap, to)
+    result = RestoreResult(snap, dests)
+    root_kinds = {r["name"]: r["type"] for r in snap.roots}
+    for e in entries:
+        if e.path.split("/")[0] not in dests:
+            raise VaultCorrupt(f"tree entry {e.path!r:.80} is outside the snapshot's roots")
+    index = repo.index()
+    files = [e for e in entries if e.type == fmt.TYPE_FILE]
+    for f in files:
+        offset = 0
+        for b in f.blobs:
+            entry = index.get(bytes.fromhex(b))
+            if entry is None:
+                index = repo.index(reload=True)
+                entry = index.get(bytes.fromhex(b))
+                if entry is None:
+                    raise VaultCorrupt(f"snapshot {snap.short_id} needs blob {b[:12]} which the vault does not hold")
+            offset += entry[4]
+        if offset != f.size:
+            raise VaultCorrupt(f"snapshot {snap.short_id}: {f.path!r:.80} is {f.size} bytes but its blobs add up to {offset}")
+
+    tree = _Tree()
+    temps: dict[int, Path] = {}
+    finals: dict[int, Path] = {}
+    try:
+        # Folders first, then one temp file per file, sized to its length.
+        for e in entries:
+            root, rel = _split(e.path)
+            if e.type == fmt.TYPE_DIR:
+                if rel:
+                    tree.ensure(dests[root], rel)
+                else:
+                    tree.ensure_root(dests[root])
+        for i, f in enumerate(files):
+            root, rel = _split(f.path)
+            if not rel:  # the root itself is a file
+                parent = dests[root].parent
+                os.makedirs(parent, exist_ok=True)
+                final = dests[root]
+            else:
+                parent = tree.ensure(dests[root], rel[:-1])
+                final = parent / rel[-1]
+            tmp = parent / f".liferaft-{secrets.token_hex(6)}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            try:
+                if f.size:
+                    os.ftruncate(fd, f.size)
+            finally:
+                os.close(fd)
+            temps[i] = tmp
+            finals[i] = final
+        _fill(repo, files, temps, index, progress, workers)
+        # Everything verified: now make it visible.
+        for i, f in enumerate(files):
+            final = finals[i]
+            try:
+                st = os.lstat(final)
+                if stat.S_ISDIR(st.st_mode):
+                    raise RestoreRefused(f"{final} is a folder where the snapshot has a file", "move it away or restore with --to DIR")
+            except FileNotFoundError:
+                pass
+            os.chmod(temps[i], f.mode & 0o1777)
+            os.utime(temps[i], ns=(f.mtime_ns, f.mtime_ns))
+            os.replace(temps[i], final)
+            del temps[i]
+            result.files += 1
+            result.nbytes += f.size
+        for e in entries:
+            if e.type != fmt.TYPE_LINK:
+                continue
+            root, rel = _split(e.path)
+            if not rel or fmt.link_escapes(e.path, e.target):
+                result.skipped_links.append(f"{e.path} -> {e.target}")
+                continue
+            parent = tree.ensure(dests[root], rel[:-1])
+            final = parent / rel[-1]
+            tmp = parent / f".liferaft-{secrets.token_hex(6)}.tmp"
+            os.symlink(e.target, tmp)
+            try:
+                if stat.S_ISDIR(os.lstat(final).st_mode):
+                    os.unlink(tmp)
+                    raise RestoreRefused(f"{final} is a folder where the snapshot has a link", "move it away or restore with --to DIR")
+            except FileNotFoundError:
+                pass
+            os.replace(tmp, final)
+            try:
+                os.utime(final, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
+            except (NotImplementedError, OSError):
+                pass
+        for e in sorted((e for e in entries if e.type == fmt.TYPE_DIR), key=lambda e: -e.path.count("/")):
+            root, rel = _split(e.path)
+            path = dests[root].joinpath(*rel)
+            if rel or root_kinds.get(root) == fmt.TYPE_DIR:
+                os.chmod(path, (e.mode & 0o1777) | 0o700)
+                os.utime(path, ns=(e.mtime_ns, e.mtime_ns))
+    except OSError as err:
+        raise RestoreRefused(f"restore failed writing {getattr(err, 'filename', '') or 'a file'}: {err.strerror}", "check the target folder and free space") from None
+    finally:
+        for tmp in temps.values():
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    if update_cache:
+        _record_cache(repo, dests, files)
+    return result
+
+
+def _fill(
+    repo: Repository,
+    files: list[fmt.Entry],
+    temps: dict[int, Path],
+    index: dict[bytes, fmt.IndexEntry],
+    progress: Progress,
+    workers: int,
+) -> None:
+    """Read every needed blob pack by pack, verify it, and write it where it goes."""
+    targets: dict[bytes, list[tuple[int, int]]] = defaultdict(list)
+    for i, f in enumerate(files):
+        offset = 0
+        for b in f.blobs:
+            bid = bytes.fromhex(b)
+            targets[bid].append((i, offset))
+            offset += index[bid][4]
+    by_pack: dict[str, list[tuple[int, int, int, int, bytes]]] = defaultdict(list)
+    for bid in targets:
+        pack_id, codec, off, length, raw = index[bid]
+        by_pack[pack_id].append((off, length, codec, raw, bid))
+    total = sum(f.size for f in files)
+    progress.start("restore", len(files), total)
+    empty = sum(1 for f in files if not f.size)
+    if empty:
+        progress.advance(empty, 0)
+    remaining = {i: len(f.blobs) for i, f in enumerate(files)}
+    lock = threading.Lock()
+
+    def do_pack(pack_id: str) -> None:
+        blobs = sorted(by_pack[pack_id])
+        seg: list[tuple[int, int, int, int, bytes]] = []
+
+        def flush_segment() -> None:
+            if not seg:
+                return
+            start = seg[0][0]
+            end = seg[-1][0] + seg[-1][1]
+            try:
+                data = memoryview(repo.read_pack_range(pack_id, start, end - start))
+            except ObjectNotFound:
+                raise VaultCorrupt(f"pack {pack_id[:12]} is missing from the vault") from None
+            for off, length, codec, raw, bid in seg:
+                plain = fmt.unpack_blob(bid, codec, data[off - start : off - start + length], raw)
+                for i, file_off in targets[bid]:
+                    fd = os.open(temps[i], os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+                    try:
+                        view = memoryview(plain)
+                        pos = file_off
+                        while view:
+                            n = os.pwrite(fd, view, pos)
+                            view = view[n:]
+                            pos += n
+                    finally:
+                        os.close(fd)
+                    with lock:
+                        remaining[i] -= 1
+                        done = remaining[i] == 0
+                    progress.advance(1 if done else 0, raw)
+            seg.clear()
+
+        for item in blobs:
+            if seg and (item[0] - (seg[-1][0] + seg[-1][1]) > GAP or item[0] + item[1] - seg[0][0] > SEGMENT):
+                flush_segment()
+            seg.append(item)
+        flush_segment()
+
+    packs = list(by_pack)
+    try:
+        if workers <= 1 or len(packs) <= 1:
+            for p in packs:
+                do_pack(p)
+        else:
+            with ThreadPoolExecutor(min(workers, len(packs)), thread_name_prefix="liferaft-restore") as pool:
+                futures = [pool.submit(do_pack, p) for p in packs]
+                for fut in futures:
+                    fut.result()
+    finally:
+        progress.finish()
+
+
+def _record_cache(repo: Repository, dests: dict[str, Path], files: list[fmt.Entry]) -> None:
+    """Restored files are known: the next snapshot of these folders need not read them."""
+    per_root: dict[str, dict[str, list[object]]] = defaultdict(dict)
+    for f in files:
+        root, rel = _split(f.path)
+        path = dests[root].joinpath(*rel)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        per_root[root]["/".join(rel) or "."] = [*stat_key(st), f.blobs]
+    for root, entries in per_root.items():
+        cache = StatCache(repo.id, dests[root]).load()
+        merged = dict(cache.entries)
+        merged.update(entries)
+        cache.save(merged)

@@ -1,0 +1,317 @@
+"""Walk folders into a snapshot: the archiver.
+
+Files are read once, hashed with BLAKE3 and cut by FastCDC above the small-file size;
+unchanged files are recognised by the stat cache and not read at all. A file that
+changes while it is read is not committed in this snapshot: its previous version
+(from the parent snapshot) stays, and the next pass takes it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+import socket
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyfastcdc
+
+from .. import __version__
+from ..errors import LiferaftError
+from ..progress import Progress
+from . import format as fmt
+from .repository import Repository, SnapshotInfo, WriteSession, info_from_manifest
+from .statcache import StatCache, stat_key
+
+# Never snapshotted unless asked: credentials that must not leave the machine.
+SECRET_PATTERNS = (
+    ".netrc",
+    ".git-credentials",
+    ".pypirc",
+    "kaggle.json",
+    "credentials",
+    "application_default_credentials.json",
+    "adc.json",
+    "id_rsa",
+    "id_ecdsa",
+    "id_ed25519",
+    "*.pem",
+    ".env",
+    ".env.*",
+    "token",
+    "*.token",
+    "ngrok.yml",
+    "service-account*.json",
+    "*-sa-key.json",
+)
+
+
+def is_secret(name: str, patterns: tuple[str, ...] = SECRET_PATTERNS) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+@dataclass
+class _Item:
+    entry: fmt.Entry
+    abspath: str
+    st: os.stat_result | None = None
+
+
+@dataclass
+class WalkResult:
+    items: list[_Item] = field(default_factory=list)
+    files: int = 0
+    nbytes: int = 0
+    skipped: list[str] = field(default_factory=list)
+    secrets: list[str] = field(default_factory=list)
+
+
+def root_names(paths: list[Path]) -> list[str]:
+    names: list[str] = []
+    for p in paths:
+        base = p.name or "root"
+        name, n = base, 2
+        while name in names:
+            name, n = f"{base}-{n}", n + 1
+        names.append(name)
+    return names
+
+
+def _walk(root: Path, name: str, result: WalkResult, skip: set[str], include_secrets: bool) -> str:
+    """Collect entries below ``root``; return the root's type."""
+    try:
+        st = os.stat(root)  # the root a user names is followed, links inside are not
+    except FileNotFoundError:
+        raise LiferaftError(f"{root} does not exist", "check the path you asked to snapshot") from None
+    except PermissionError:
+        raise LiferaftError(f"{root} cannot be read (permission denied)", "check its permissions") from None
+    if stat.S_ISREG(st.st_mode):
+        result.items.append(_Item(fmt.Entry(name, fmt.TYPE_FILE, stat.S_IMODE(st.st_mode), st.st_mtime_ns, st.st_size), str(root), st))
+        result.files += 1
+        result.nbytes += st.st_size
+        return fmt.TYPE_FILE
+    if not stat.S_ISDIR(st.st_mode):
+        raise LiferaftError(f"{root} is neither a file nor a folder", "snapshot files and folders only")
+    result.items.append(_Item(fmt.Entry(name, fmt.TYPE_DIR, stat.S_IMODE(st.st_mode), st.st_mtime_ns), str(root)))
+    stack = [(str(root), name)]
+    while stack:
+        folder, rel = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            result.skipped.append(f"{folder}: {err.strerror}")
+            continue
+        subdirs = []
+        for de in entries:
+            path = f"{rel}/{de.name}"
+            if de.path in skip:
+                continue
+            if "\\" in de.name or "\x00" in de.name:
+                result.skipped.append(f"{de.path}: name not portable")
+                continue
+            try:
+                est = de.stat(follow_symlinks=False)
+            except OSError as err:
+                result.skipped.append(f"{de.path}: {err.strerror}")
+                continue
+            mode = est.st_mode
+            if stat.S_ISLNK(mode):
+                try:
+                    target = os.readlink(de.path)
+                except OSError as err:
+                    result.skipped.append(f"{de.path}: {err.strerror}")
+                    continue
+                result.items.append(_Item(fmt.Entry(path, fmt.TYPE_LINK, stat.S_IMODE(mode), est.st_mtime_ns, target=target), de.path))
+            elif stat.S_ISDIR(mode):
+                result.items.append(_Item(fmt.Entry(path, fmt.TYPE_DIR, stat.S_IMODE(mode), est.st_mtime_ns), de.path))
+                subdirs.append((de.path, path))
+            elif stat.S_ISREG(mode):
+                if not include_secrets and is_secret(de.name):
+                    result.secrets.append(de.path)
+                    continue
+                result.items.append(_Item(fmt.Entry(path, fmt.TYPE_FILE, stat.S_IMODE(mode), est.st_mtime_ns, est.st_size), de.path, est))
+                result.files += 1
+                result.nbytes += est.st_size
+            else:
+                result.skipped.append(f"{de.path}: not a file, folder or link")
+        stack.extend(reversed(subdirs))
+    return fmt.TYPE_DIR
+
+
+class _Reader:
+    """Reads one file into blobs, noticing a change made while reading."""
+
+    def __init__(self, session: WriteSession, repo: Repository) -> None:
+        self.session = session
+        self.small = repo.chunker.small_file
+        p = repo.chunker
+        self.cdc = pyfastcdc.FastCDC(p.avg_size, min_size=p.min_size, max_size=p.max_size, seed=p.seed)
+
+    def read(self, item: _Item, progress: Progress) -> list[str] | None:
+        """Blob ids of the file's bytes, or None when it changed while read."""
+        before = item.st
+        assert before is not None
+        try:
+            fd = os.open(item.abspath, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return None
+        blobs: list[str] = []
+        total = 0
+        try:
+            with os.fdopen(fd, "rb", buffering=0) as f:
+                opened = os.fstat(f.fileno())
+                if stat_key(opened)[:2] != stat_key(before)[:2] or opened.st_ino != before.st_ino:
+                    return None
+                if before.st_size <= self.small:
+                    data = f.read(self.small + 1)
+                    total = len(data)
+                    if data:
+                        blobs.append(self.session.add(data).hex())
+                    progress.advance(0, total)
+                else:
+                    for chunk in self.cdc.cut_stream(f):
+                        blobs.append(self.session.add(chunk.data).hex())
+                        total += chunk.length
+                        progress.advance(0, chunk.length)
+                after = os.fstat(f.fileno())
+        except OSError:
+            return None
+        if total != before.st_size or stat_key(after) != stat_key(opened):
+            return None
+        return blobs
+
+
+def _check_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            raise LiferaftError(f"metric {k!r} is {v!r}, not a finite number", "pass numbers, e.g. metrics={'loss': 0.31}")
+        out[str(k)] = float(v) if isinstance(v, float) else v
+    return out
+
+
+def take_snapshot(
+    repo: Repository,
+    paths: list[str | os.PathLike[str]],
+    *,
+    run: str,
+    step: int | None = None,
+    tags: dict[str, str] | None = None,
+    metrics: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+    include_secrets: bool = False,
+    skip_paths: set[str] | None = None,
+    use_cache: bool = True,
+) -> SnapshotInfo:
+    """Snapshot ``paths`` into ``repo`` and commit it; return the committed snapshot."""
+    progress = progress or Progress()
+    if not paths:
+        raise LiferaftError("nothing to snapshot", "name at least one file or folder")
+    if not run or len(run) > fmt.RUN_MAX or "\x00" in run:
+        raise LiferaftError(f"bad run name {run!r}", f"use 1 to {fmt.RUN_MAX} characters")
+    clean_tags = {str(k): str(v) for k, v in (tags or {}).items()}
+    clean_metrics = _check_metrics(metrics or {})
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+        raise LiferaftError(f"step must be an integer, got {step!r}", "pass step=N")
+
+    roots = [Path(os.path.abspath(os.fspath(p))) for p in paths]
+    names = root_names(roots)
+    skip = set(skip_paths or ())
+    root_dir = getattr(repo.backend, "root", None)
+    if isinstance(root_dir, Path):
+        skip.add(str(root_dir))  # never snapshot the vault into itself
+    walk = WalkResult()
+    root_docs = []
+    for root, name in zip(roots, names):
+        kind = _walk(root, name, walk, skip, include_secrets)
+        root_docs.append({"name": name, "source": str(root), "type": kind})
+
+    previous = [s for s in repo.snapshots() if s.run == run]
+    parent = previous[-1] if previous else None
+    parent_files: dict[str, fmt.Entry] | None = None
+
+    def previous_version(path: str) -> fmt.Entry | None:
+        nonlocal parent_files
+        if parent is None:
+            return None
+        if parent_files is None:
+            try:
+                parent_files = {e.path: e for e in repo.read_tree(parent) if e.type == fmt.TYPE_FILE}
+            except LiferaftError:
+                parent_files = {}
+        return parent_files.get(path)
+
+    caches = {name: StatCache(repo.id, root).load() if use_cache else StatCache(repo.id, root) for root, name in zip(roots, names)}
+    new_cache: dict[str, dict[str, list[Any]]] = {name: {} for name in names}
+    changed: list[str] = []
+    entries: list[fmt.Entry] = []
+    reused = 0
+    progress.start("snapshot", walk.files, walk.nbytes)
+    with repo.session() as session:
+        reader = _Reader(session, repo)
+        for item in walk.items:
+            entry = item.entry
+            if entry.type != fmt.TYPE_FILE:
+                entries.append(entry)
+                continue
+            assert item.st is not None
+            root_name, _, rel = entry.path.partition("/")
+            cache = caches[root_name]
+            blobs = cache.lookup(rel or ".", item.st)
+            if blobs is not None and all(session.has(bytes.fromhex(b)) for b in blobs):
+                reused += 1
+                progress.advance(1, entry.size)
+            else:
+                blobs = reader.read(item, progress)
+                progress.advance(1, 0)
+                if blobs is None:
+                    changed.append(entry.path)
+                    prev = previous_version(entry.path)
+                    if prev is not None and all(session.has(bytes.fromhex(b)) for b in prev.blobs):
+                        entries.append(prev)
+                    continue
+            entry.blobs = blobs
+            entries.append(entry)
+            new_cache[root_name][rel or "."] = [*stat_key(item.st), blobs]
+        progress.finish()
+        tree = fmt.encode_tree(entries)
+        tree_ids = []
+        if tree:
+            cdc = pyfastcdc.FastCDC(64 << 10, min_size=16 << 10, max_size=256 << 10, seed=repo.chunker.seed)
+            tree_ids = [session.add(c.data, compress=True).hex() for c in cdc.cut_buf(tree)]
+        stats = {
+            "files": sum(1 for e in entries if e.type == fmt.TYPE_FILE),
+            "dirs": sum(1 for e in entries if e.type == fmt.TYPE_DIR),
+            "links": sum(1 for e in entries if e.type == fmt.TYPE_LINK),
+            "bytes": sum(e.size for e in entries if e.type == fmt.TYPE_FILE),
+            "files_read": walk.files - reused,
+            "added_blobs": session.added_blobs,
+            "added_bytes": session.added_bytes,
+            "stored_bytes": session.stored_bytes,
+            "changed_during_read": changed[:100],
+            "skipped": walk.skipped[:100],
+            "secrets_excluded": len(walk.secrets),
+        }
+        manifest = {
+            "v": fmt.FORMAT_VERSION,
+            "run": run,
+            "step": step,
+            "tags": clean_tags,
+            "metrics": clean_metrics,
+            "time_ns": time.time_ns(),
+            "host": socket.gethostname(),
+            "parent": parent.id if parent else None,
+            "roots": root_docs,
+            "tree": tree_ids,
+            "stats": stats,
+            "liferaft": __version__,
+        }
+        sid = session.commit(manifest)
+    if use_cache:
+        for root_name, cache in caches.items():
+            cache.save(new_cache[root_name])
+    return info_from_manifest(sid, manifest)
