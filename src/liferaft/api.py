@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .backends import open_backend
@@ -69,8 +69,12 @@ class Vault:
         metrics: dict[str, Any] | None = None,
         progress: Progress | None = None,
         include_secrets: bool = False,
+        skip_unchanged: bool = False,
     ) -> SnapshotInfo:
         """Snapshot files and folders and commit them atomically.
+
+        With ``skip_unchanged``, nothing is committed when the tree equals the run's
+        newest snapshot: that snapshot is returned with ``unchanged=True``.
 
         >>> vault.snapshot(["checkpoints", "runs"], run="mnist", step=500,
         ...                metrics={"val_loss": 0.31})          # doctest: +SKIP
@@ -87,6 +91,7 @@ class Vault:
             metrics=metrics,
             progress=progress,
             include_secrets=include_secrets,
+            skip_unchanged=skip_unchanged,
         )
 
     def snapshots(self, run: str | None = None) -> list[SnapshotInfo]:
@@ -103,12 +108,15 @@ class Vault:
         *,
         run: str | None = None,
         to: str | os.PathLike[str] | None = None,
+        targets: Mapping[str, str | os.PathLike[str]] | None = None,
         progress: Progress | None = None,
     ) -> RestoreResult | None:
         """Restore a snapshot (by id) or the newest one of ``run`` that verifies.
 
-        Returns None when there is nothing to restore (a first run). A snapshot that
-        fails verification is reported and the one before it is used.
+        Each saved path goes back where it was, or to ``to/NAME``, or to
+        ``targets[NAME]`` (NAME is the saved path's last component, see
+        ``SnapshotInfo.roots``). Returns None when there is nothing to restore (a first
+        run). A snapshot that fails verification is reported and the one before it is used.
 
         >>> vault.restore(run="mnist", to="/content/work")    # doctest: +SKIP
         """
@@ -118,13 +126,13 @@ class Vault:
                 raise SnapshotNotFound(f"no snapshot {snapshot!r}: the vault at {self.url} is empty")
             return None
         if snapshot is not None:
-            return restore_snapshot(repo, repo.find(snapshot), to=to, progress=progress)
+            return restore_snapshot(repo, repo.find(snapshot), to=to, targets=targets, progress=progress)
         run = run or default_run_name()
         candidates = [s for s in repo.snapshots() if s.run == run]
         fallbacks: list[str] = []
         for snap in reversed(candidates):
             try:
-                result = restore_snapshot(repo, snap, to=to, progress=progress)
+                result = restore_snapshot(repo, snap, to=to, targets=targets, progress=progress)
             except VaultCorrupt as err:
                 msg = f"snapshot {snap.short_id} (run {snap.run}, step {snap.step}) failed verification: {err}"
                 warnings.warn(msg + "; using the one before", stacklevel=2)

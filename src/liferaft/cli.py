@@ -108,7 +108,15 @@ def _parse_tags(tags: tuple[str, ...]) -> dict[str, str]:
 @click.option("--metric", "metric_args", multiple=True, metavar="K=V", help="Numeric metric (repeatable).")
 @click.option("--include-secrets", is_flag=True, help="Also take credential files (.netrc, *.pem, kaggle.json, ...).")
 @common(data=True)
-def snapshot(ctx: Ctx, paths: tuple[str, ...], run: str | None, step: int | None, tags: tuple[str, ...], metric_args: tuple[str, ...], include_secrets: bool) -> None:
+def snapshot(
+    ctx: Ctx,
+    paths: tuple[str, ...],
+    run: str | None,
+    step: int | None,
+    tags: tuple[str, ...],
+    metric_args: tuple[str, ...],
+    include_secrets: bool,
+) -> None:
     """Snapshot PATHS into the vault, atomically."""
     metrics: dict[str, float] = {}
     for k, v in _parse_tags(metric_args).items():
@@ -118,7 +126,9 @@ def snapshot(ctx: Ctx, paths: tuple[str, ...], run: str | None, step: int | None
             raise LiferaftError(f"metric {k}={v!r} is not a number", "write --metric val_loss=0.31") from None
     vault = ctx.vault()
     t0 = time.monotonic()
-    snap = vault.snapshot(list(paths), run=run, step=step, tags=_parse_tags(tags), metrics=metrics, progress=ctx.progress(), include_secrets=include_secrets)
+    snap = vault.snapshot(
+        list(paths), run=run, step=step, tags=_parse_tags(tags), metrics=metrics, progress=ctx.progress(), include_secrets=include_secrets
+    )
     if ctx.json:
         ctx.data(snap.to_json())
         return
@@ -130,7 +140,9 @@ def snapshot(ctx: Ctx, paths: tuple[str, ...], run: str | None, step: int | None
         + f" in {time.monotonic() - t0:.1f}s → {vault.url}"
     )
     if s.get("changed_during_read"):
-        ctx.say(f"note: {len(s['changed_during_read'])} file(s) changed while read; their previous version is kept, the next snapshot takes them")
+        ctx.say(
+            f"note: {len(s['changed_during_read'])} file(s) changed while read; their previous version is kept, the next snapshot takes them"
+        )
     if s.get("secrets_excluded"):
         ctx.say(f"note: {s['secrets_excluded']} credential file(s) left out (use --include-secrets to take them)")
     if s.get("skipped"):
@@ -198,19 +210,26 @@ def restore(ctx: Ctx, snapshot_id: str | None, run: str | None, to: str | None) 
     for msg in result.fallbacks:
         click.echo(f"warning: {msg}; used the one before", err=True)
     if result.skipped_links:
-        click.echo(f"warning: {len(result.skipped_links)} link(s) pointing outside the snapshot were not created, e.g. {result.skipped_links[0]}", err=True)
+        click.echo(
+            f"warning: {len(result.skipped_links)} link(s) pointing outside the snapshot were not created, e.g. {result.skipped_links[0]}",
+            err=True,
+        )
     if ctx.json:
-        ctx.data({
-            "restored": result.snapshot.to_json(),
-            "files": result.files,
-            "bytes": result.nbytes,
-            "to": {k: str(v) for k, v in result.destinations.items()},
-            "fallbacks": result.fallbacks,
-            "skipped_links": result.skipped_links,
-        })
+        ctx.data(
+            {
+                "restored": result.snapshot.to_json(),
+                "files": result.files,
+                "bytes": result.nbytes,
+                "to": {k: str(v) for k, v in result.destinations.items()},
+                "fallbacks": result.fallbacks,
+                "skipped_links": result.skipped_links,
+            }
+        )
         return
     where = ", ".join(str(p) for p in result.destinations.values())
-    ctx.say(f"restored snapshot {result.snapshot.short_id} (run {result.snapshot.run!r}, step {result.snapshot.step}): {result.files} files, {_size(result.nbytes)} → {where}")
+    ctx.say(
+        f"restored snapshot {result.snapshot.short_id} (run {result.snapshot.run!r}, step {result.snapshot.step}): {result.files} files, {_size(result.nbytes)} → {where}"
+    )
 
 
 @main.command()
@@ -287,7 +306,9 @@ def info(ctx: Ctx) -> None:
     if ctx.json:
         ctx.data(stats)
     else:
-        ctx.say(f"vault {stats['url']} (from {stats['source']}): {stats['snapshots']} snapshots, {stats['packs']} packs, {_size(stats['bytes'])}")
+        ctx.say(
+            f"vault {stats['url']} (from {stats['source']}): {stats['snapshots']} snapshots, {stats['packs']} packs, {_size(stats['bytes'])}"
+        )
 
 
 @main.command()

@@ -35,7 +35,9 @@ def run_demo(vault_url: str | None = None, say: Callable[[str], None] = print) -
         _train(work, range(1, 6))
         t0 = time.monotonic()
         snap = vault.snapshot([work / "checkpoints"], run=RUN, step=5)
-        say(f"1. trained 5 steps, snapshot {snap.short_id} in {time.monotonic() - t0:.2f}s ({snap.stats['stored_bytes'] / 1024:.0f} KiB stored)")
+        say(
+            f"1. trained 5 steps, snapshot {snap.short_id} in {time.monotonic() - t0:.2f}s ({snap.stats['stored_bytes'] / 1024:.0f} KiB stored)"
+        )
         reference = base / "reference"
         shutil.copytree(work, reference, symlinks=True)
         shutil.rmtree(work)
@@ -45,10 +47,14 @@ def run_demo(vault_url: str | None = None, say: Callable[[str], None] = print) -
         assert result is not None
         same = filecmp.dircmp(reference / "checkpoints", fresh / "checkpoints")
         ok = not (same.diff_files or same.left_only or same.right_only)
-        say(f"3. fresh machine: restored step {result.snapshot.step}, {result.files} files, every byte verified: {'identical' if ok else 'DIFFERENT'}")
+        say(
+            f"3. fresh machine: restored step {result.snapshot.step}, {result.files} files, every byte verified: {'identical' if ok else 'DIFFERENT'}"
+        )
         _train(fresh, range(6, 9))
         snap2 = vault.snapshot([fresh / "checkpoints"], run=RUN, step=8)
-        say(f"4. resumed to step 8; the new snapshot stored only {snap2.stats['stored_bytes'] / 1024:.0f} KiB (the rest was already in the vault)")
+        say(
+            f"4. resumed to step 8; the new snapshot stored only {snap2.stats['stored_bytes'] / 1024:.0f} KiB (the rest was already in the vault)"
+        )
         say("try it on your own files:  liferaft snapshot checkpoints --run myrun --step 100")
         say("                          liferaft restore --run myrun --to /tmp/back")
         if not ok:

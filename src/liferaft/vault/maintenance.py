@@ -18,7 +18,6 @@ from ..errors import LiferaftError, LockedError, VaultCorrupt
 from . import format as fmt
 from .repository import PRUNE_LOCK, STALE_AFTER, Repository, SnapshotInfo, pack_name
 
-
 # ------------------------------------------------------------------ verify
 
 
@@ -108,7 +107,7 @@ def verify(repo: Repository, *, read_data: bool = False, on_progress: Callable[[
     report.packs = len(packs)
     if read_data:
         done = 0
-        for pid, size in sorted(packs.items()):
+        for pid, _size in sorted(packs.items()):
             needed = {bid for bid, _ in by_pack.get(pid, []) if bid in users}
             try:
                 data = repo.backend.get(pack_name(pid))
@@ -250,7 +249,9 @@ def _mark(repo: Repository) -> tuple[list[SnapshotInfo], set[bytes]]:
     damaged: list[str] = []
     snaps = repo.snapshots(damaged=damaged)
     if damaged:
-        raise VaultCorrupt(f"{damaged[0]}", "prune needs every snapshot readable: run `liferaft verify`, then `liferaft forget ID` the damaged one")
+        raise VaultCorrupt(
+            f"{damaged[0]}", "prune needs every snapshot readable: run `liferaft verify`, then `liferaft forget ID` the damaged one"
+        )
     live: set[bytes] = set()
     for snap in snaps:
         try:

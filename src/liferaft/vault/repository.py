@@ -69,6 +69,7 @@ class SnapshotInfo:
     roots: list[dict[str, Any]]
     tree: list[str]
     stats: dict[str, Any] = field(default_factory=dict)
+    unchanged: bool = False  # set by snapshot(skip_unchanged=True) when nothing was committed
 
     @property
     def short_id(self) -> str:
@@ -99,8 +100,12 @@ def _wrap_backend_errors(what: str, url: str) -> Callable[[BaseException], Lifer
         if isinstance(err, LiferaftError):
             return err
         if isinstance(err, NoSpace):
-            return VaultFull(f"the vault at {url} is full while {what}", "free space or choose another vault; committed snapshots are intact")
-        return VaultUnreachable(f"the vault at {url} failed while {what}: {err}", "check the location and retry; committed snapshots are intact")
+            return VaultFull(
+                f"the vault at {url} is full while {what}", "free space or choose another vault; committed snapshots are intact"
+            )
+        return VaultUnreachable(
+            f"the vault at {url} failed while {what}: {err}", "check the location and retry; committed snapshots are intact"
+        )
 
     return convert
 
@@ -542,7 +547,7 @@ class WriteSession:
             self.backend.put(pack_name(pack_id), data, overwrite=False)
         except ObjectExists:
             pass  # same bytes, random nonce: only a retry of ours can collide
-        except BaseException as err:  # noqa: BLE001 - surfaced on the next call
+        except BaseException as err:
             if self._error is None:
                 self._error = self._convert(err)
         finally:

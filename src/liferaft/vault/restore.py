@@ -15,6 +15,7 @@ import secrets
 import stat
 import threading
 from collections import defaultdict
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,11 +47,25 @@ def _check_source(source: str) -> Path:
     return Path(source)
 
 
-def destinations(snap: SnapshotInfo, to: str | os.PathLike[str] | None) -> dict[str, Path]:
+def destinations(
+    snap: SnapshotInfo,
+    to: str | os.PathLike[str] | None,
+    targets: Mapping[str, str | os.PathLike[str]] | None = None,
+) -> dict[str, Path]:
+    """Where each saved root goes: ``targets[name]``, else ``to/name``, else where it came from."""
     out = {}
+    known = {root["name"] for root in snap.roots}
+    for name in targets or {}:
+        if name not in known:
+            raise RestoreRefused(f"snapshot {snap.short_id} has no path named {name!r}", f"it has: {', '.join(sorted(known))}")
     for root in snap.roots:
         name = root["name"]
-        out[name] = Path(os.path.abspath(to)) / name if to is not None else _check_source(root.get("source", ""))
+        if targets and name in targets:
+            out[name] = Path(os.path.abspath(targets[name]))
+        elif to is not None:
+            out[name] = Path(os.path.abspath(to)) / name
+        else:
+            out[name] = _check_source(root.get("source", ""))
     return out
 
 
@@ -110,14 +125,18 @@ def restore_snapshot(
     snap: SnapshotInfo,
     *,
     to: str | os.PathLike[str] | None = None,
+    targets: Mapping[str, str | os.PathLike[str]] | None = None,
     progress: Progress | None = None,
     workers: int = 4,
     update_cache: bool = True,
 ) -> RestoreResult:
-    """Restore ``snap`` into ``to`` (each saved path as ``to/NAME``) or back where it was."""
+    """Restore ``snap`` into ``to`` (each saved path as ``to/NAME``) or back where it was.
+
+    ``targets`` maps a saved path's name to its own destination, overriding both.
+    """
     progress = progress or Progress()
+    dests = destinations(snap, to, targets)
     entries = repo.read_tree(snap)
-    dests = destinations(snap, to)
     result = RestoreResult(snap, dests)
     root_kinds = {r["name"]: r["type"] for r in snap.roots}
     for e in entries:
@@ -213,7 +232,9 @@ def restore_snapshot(
                 os.chmod(path, (e.mode & 0o1777) | 0o700)
                 os.utime(path, ns=(e.mtime_ns, e.mtime_ns))
     except OSError as err:
-        raise RestoreRefused(f"restore failed writing {getattr(err, 'filename', '') or 'a file'}: {err.strerror}", "check the target folder and free space") from None
+        raise RestoreRefused(
+            f"restore failed writing {getattr(err, 'filename', '') or 'a file'}: {err.strerror}", "check the target folder and free space"
+        ) from None
     finally:
         for tmp in temps.values():
             try:

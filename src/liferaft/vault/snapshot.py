@@ -206,6 +206,7 @@ def take_snapshot(
     include_secrets: bool = False,
     skip_paths: set[str] | None = None,
     use_cache: bool = True,
+    skip_unchanged: bool = False,
 ) -> SnapshotInfo:
     """Snapshot ``paths`` into ``repo`` and commit it; return the committed snapshot."""
     progress = progress or Progress()
@@ -226,7 +227,7 @@ def take_snapshot(
         skip.add(str(root_dir))  # never snapshot the vault into itself
     walk = WalkResult()
     root_docs = []
-    for root, name in zip(roots, names):
+    for root, name in zip(roots, names, strict=False):
         kind = _walk(root, name, walk, skip, include_secrets)
         root_docs.append({"name": name, "source": str(root), "type": kind})
 
@@ -245,7 +246,9 @@ def take_snapshot(
                 parent_files = {}
         return parent_files.get(path)
 
-    caches = {name: StatCache(repo.id, root).load() if use_cache else StatCache(repo.id, root) for root, name in zip(roots, names)}
+    caches = {
+        name: StatCache(repo.id, root).load() if use_cache else StatCache(repo.id, root) for root, name in zip(roots, names, strict=False)
+    }
     new_cache: dict[str, dict[str, list[Any]]] = {name: {} for name in names}
     changed: list[str] = []
     entries: list[fmt.Entry] = []
@@ -283,6 +286,12 @@ def take_snapshot(
         if tree:
             cdc = pyfastcdc.FastCDC(64 << 10, min_size=16 << 10, max_size=256 << 10, seed=repo.chunker.seed)
             tree_ids = [session.add(c.data, compress=True).hex() for c in cdc.cut_buf(tree)]
+        if skip_unchanged and parent is not None and parent.tree == tree_ids and parent.roots == root_docs and not changed:
+            parent.unchanged = True
+            if use_cache:
+                for root_name, cache in caches.items():
+                    cache.save(new_cache[root_name])
+            return parent
         stats = {
             "files": sum(1 for e in entries if e.type == fmt.TYPE_FILE),
             "dirs": sum(1 for e in entries if e.type == fmt.TYPE_DIR),

@@ -1,0 +1,81 @@
+"""Shared fixtures: every test gets its own cache, data dir and default vault."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("LIFERAFT_CACHE_DIR", str(home / "cache"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(home / "data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / "xcache"))
+    monkeypatch.delenv("LIFERAFT_VAULT", raising=False)
+
+
+@pytest.fixture(params=["local", "memory"])
+def vault_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh vault URL on each backend the vault suite runs against."""
+    if request.param == "local":
+        return str(tmp_path / "vault")
+    return f"memory://liferaft-tests/{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def local_vault(tmp_path: Path) -> str:
+    return str(tmp_path / "vault")
+
+
+def make_tree(root: Path, files: dict[str, bytes | str | None]) -> Path:
+    """Create files (bytes/str), empty dirs (None) and links ('->target') under root."""
+    root.mkdir(parents=True, exist_ok=True)
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if content is None:
+            path.mkdir(exist_ok=True)
+        elif isinstance(content, str) and content.startswith("->"):
+            os.symlink(content[2:], path)
+        else:
+            path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return root
+
+
+def tree_state(root: Path) -> dict[str, tuple]:
+    """Everything a round trip must keep: type, bytes, mode, mtime, link target."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = p.relative_to(root).as_posix()
+            st = p.lstat()
+            if p.is_symlink():
+                out[rel] = ("link", os.readlink(p))
+            elif p.is_dir():
+                out[rel] = ("dir", st.st_mode & 0o7777)
+            else:
+                out[rel] = ("file", p.read_bytes(), st.st_mode & 0o7777, st.st_mtime_ns)
+    return out
+
+
+def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the real ``liferaft`` command in a subprocess."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "liferaft", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
