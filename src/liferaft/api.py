@@ -48,12 +48,15 @@ class Vault:
             self._repo = Repository.open(self.backend, create=create)
         return self._repo
 
-    def _readable(self) -> Repository | None:
-        """The repository, or None for a default vault nobody has written yet."""
+    def _readable(self, *, missing_ok: bool = False) -> Repository | None:
+        """The repository, or None for a default vault nobody has written yet.
+
+        ``missing_ok`` treats any vault not created yet as empty (a first run restores).
+        """
         try:
             return self.repository()
         except VaultNotFound:
-            if self.choice.is_default:
+            if self.choice.is_default or missing_ok:
                 return None
             raise
 
@@ -85,7 +88,7 @@ class Vault:
         return take_snapshot(
             repo,
             list(paths),
-            run=run or default_run_name(),
+            run=run if run is not None else default_run_name(),
             step=step,
             tags=tags,
             metrics=metrics,
@@ -120,7 +123,7 @@ class Vault:
 
         >>> vault.restore(run="mnist", to="/content/work")    # doctest: +SKIP
         """
-        repo = self._readable()
+        repo = self._readable(missing_ok=snapshot is None)
         if repo is None:
             if snapshot is not None:
                 raise SnapshotNotFound(f"no snapshot {snapshot!r}: the vault at {self.url} is empty")

@@ -1,0 +1,298 @@
+"""Round trips, dedup and change detection, on every backend the vault runs on."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_tree, tree_state
+
+import liferaft
+from liferaft.errors import LiferaftError
+from liferaft.vault import format as fmt
+
+
+def _stored_bytes(vault: liferaft.Vault) -> int:
+    return sum(o.size for o in vault.backend.list("packs/"))
+
+
+def test_round_trip_keeps_everything(vault_url: str, tmp_path: Path) -> None:
+    src = make_tree(
+        tmp_path / "work" / "ckpt",
+        {
+            "weights.bin": os.urandom(3 << 20),  # chunked
+            "empty": b"",
+            "empty-dir": None,
+            "nested/deeper/a.txt": "alpha",
+            "ünïcødé — 名前.txt": "unicode names survive",
+            "latest": "->nested/deeper/a.txt",
+            "dangling": "->does-not-exist",
+            "run.sh": "#!/bin/sh\necho hi\n",
+        },
+    )
+    os.chmod(src / "run.sh", 0o750)
+    os.chmod(src / "nested", 0o700)
+    os.utime(src / "empty", ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+    vault = liferaft.Vault(vault_url)
+    snap = vault.snapshot([src], run="r", step=7, tags={"lr": "3e-4"}, metrics={"loss": 0.5})
+    assert snap.step == 7 and snap.tags == {"lr": "3e-4"} and snap.metrics == {"loss": 0.5}
+    result = vault.restore(run="r", to=tmp_path / "back")
+    assert result is not None and result.snapshot.id == snap.id
+    assert tree_state(tmp_path / "back" / "ckpt") == tree_state(src)
+    assert vault.verify(read_data=True).ok
+
+
+def test_restore_in_place_and_single_file(vault_url: str, tmp_path: Path) -> None:
+    work = make_tree(tmp_path / "w", {"model.pt": os.urandom(100_000), "logs/events": "x" * 5000})
+    vault = liferaft.Vault(vault_url)
+    vault.snapshot([work / "model.pt", work / "logs"], run="r")
+    before = tree_state(work)
+    (work / "model.pt").unlink()
+    (work / "logs" / "events").write_text("clobbered")
+    vault.restore(run="r")
+    assert tree_state(work) == before
+
+
+def test_first_run_has_nothing_to_restore(vault_url: str, tmp_path: Path) -> None:
+    vault = liferaft.Vault(vault_url)
+    assert vault.restore(run="never") is None
+    vault.snapshot([make_tree(tmp_path / "a", {"f": "1"})], run="other")
+    assert vault.restore(run="never") is None
+
+
+def test_newest_of_the_run_is_restored(vault_url: str, tmp_path: Path) -> None:
+    vault = liferaft.Vault(vault_url)
+    d = make_tree(tmp_path / "d", {"f": "one"})
+    vault.snapshot([d], run="r", step=1)
+    (d / "f").write_text("two")
+    vault.snapshot([d], run="r", step=2)
+    vault.snapshot([make_tree(tmp_path / "x" / "d", {"f": "other run"})], run="s", step=3)
+    vault.restore(run="r", to=tmp_path / "out")
+    assert (tmp_path / "out" / "d" / "f").read_text() == "two"
+    assert [s.step for s in vault.snapshots(run="r")] == [1, 2]
+
+
+def test_big_file_and_many_small_files(local_vault: str, tmp_path: Path) -> None:
+    src = tmp_path / "data"
+    src.mkdir()
+    big = src / "big.bin"
+    with open(big, "wb") as f:
+        for _ in range(100):
+            f.write(os.urandom(1 << 20))
+    small = src / "small"
+    small.mkdir()
+    for i in range(10_000):
+        (small / f"{i:05d}.txt").write_bytes(b"%d\n" % i * (i % 7))
+    vault = liferaft.Vault(local_vault)
+    snap = vault.snapshot([src], run="big")
+    assert snap.stats["files"] == 10_001
+    packs = list(vault.backend.list("packs/"))
+    assert 2 <= len(packs) <= 10  # many files become few large packs
+    vault.restore(run="big", to=tmp_path / "back")
+    assert (tmp_path / "back" / "data" / "big.bin").read_bytes() == big.read_bytes()
+    assert tree_state(tmp_path / "back" / "data" / "small") == tree_state(small)
+
+
+def test_unchanged_tree_adds_almost_nothing(vault_url: str, tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "d", {f"f{i}": os.urandom(50_000) for i in range(40)})
+    vault = liferaft.Vault(vault_url)
+    first = vault.snapshot([src], run="r")
+    size = _stored_bytes(vault)
+    second = vault.snapshot([src], run="r")
+    assert second.id != first.id
+    assert second.stats["files_read"] == 0  # the stat cache spared every read
+    assert _stored_bytes(vault) - size < 1024
+    same = vault.snapshot([src], run="r", skip_unchanged=True)
+    assert same.unchanged and same.id == second.id
+
+
+def test_dedup_without_stat_cache(vault_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = make_tree(tmp_path / "d", {"a": os.urandom(2 << 20), "b": os.urandom(10_000)})
+    vault = liferaft.Vault(vault_url)
+    vault.snapshot([src], run="r")
+    size = _stored_bytes(vault)
+    monkeypatch.setenv("LIFERAFT_CACHE_DIR", str(tmp_path / "fresh-cache"))  # a new machine
+    snap = vault.snapshot([src], run="r")
+    assert snap.stats["files_read"] == 2
+    assert _stored_bytes(vault) - size < 1024
+
+
+def test_append_to_big_file_adds_a_few_mib(vault_url: str, tmp_path: Path) -> None:
+    src = tmp_path / "d"
+    src.mkdir()
+    big = src / "events.tfevents"
+    big.write_bytes(os.urandom(16 << 20))
+    vault = liferaft.Vault(vault_url)
+    vault.snapshot([src], run="r")
+    size = _stored_bytes(vault)
+    with open(big, "ab") as f:
+        f.write(os.urandom(64 << 10))
+    snap = vault.snapshot([src], run="r")
+    added = _stored_bytes(vault) - size
+    assert added <= 5 << 20, f"append of 64 KiB stored {added} bytes"
+    assert snap.stats["added_bytes"] <= 5 << 20
+    vault.restore(run="r", to=tmp_path / "back")
+    assert (tmp_path / "back" / "d" / big.name).read_bytes() == big.read_bytes()
+
+
+def test_modified_file_in_middle_keeps_most_chunks(vault_url: str, tmp_path: Path) -> None:
+    src = tmp_path / "d"
+    src.mkdir()
+    data = bytearray(os.urandom(24 << 20))
+    (src / "model.safetensors").write_bytes(data)
+    vault = liferaft.Vault(vault_url)
+    vault.snapshot([src], run="r")
+    size = _stored_bytes(vault)
+    data[12 << 20 : (12 << 20) + 4096] = os.urandom(4096)  # a fine-tune touched one layer
+    (src / "model.safetensors").write_bytes(data)
+    vault.snapshot([src], run="r")
+    assert _stored_bytes(vault) - size <= 9 << 20
+
+
+def test_compressible_data_is_compressed_random_is_not(vault_url: str, tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "d", {"log.txt": "step 1 loss 0.5\n" * 200_000, "rand": os.urandom(3_000_000)})
+    vault = liferaft.Vault(vault_url)
+    snap = vault.snapshot([src], run="r")
+    assert snap.stats["stored_bytes"] < 3_000_000 + 200_000  # text shrank, random stayed ~raw
+    codecs = {e[1] for e in vault.repository().index().values()}
+    assert codecs == {fmt.CODEC_RAW, fmt.CODEC_ZSTD}
+
+
+def test_file_changing_while_read_keeps_previous_version(local_vault: str, tmp_path: Path) -> None:
+    src = tmp_path / "d"
+    src.mkdir()
+    ckpt = src / "ckpt.bin"
+    old = os.urandom(40 << 20)
+    ckpt.write_bytes(old)
+    vault = liferaft.Vault(local_vault)
+    vault.snapshot([src], run="r", step=1)
+    new = os.urandom(40 << 20)
+    stop = threading.Event()
+
+    def writer() -> None:
+        # Rewrites the file in place, the way a careless save does, until told to stop.
+        while not stop.is_set():
+            with open(ckpt, "r+b") as f:
+                for off in range(0, len(new), 1 << 20):
+                    f.write(new[off : off + (1 << 20)])
+                    if stop.is_set():
+                        return
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        time.sleep(0.05)
+        snap = vault.snapshot([src], run="r", step=2)
+    finally:
+        stop.set()
+        t.join()
+    assert snap.stats["changed_during_read"] == ["d/ckpt.bin"]
+    vault.restore(snap.id, to=tmp_path / "back")
+    assert (tmp_path / "back" / "d" / "ckpt.bin").read_bytes() == old  # never a torn file
+    # The next pass takes the settled file.
+    ckpt.write_bytes(new)
+    vault.snapshot([src], run="r", step=3)
+    vault.restore(run="r", to=tmp_path / "back2")
+    assert (tmp_path / "back2" / "d" / "ckpt.bin").read_bytes() == new
+
+
+def test_new_file_changing_while_read_is_left_out(local_vault: str, tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "d", {"keep": "k"})
+    target = src / "growing"
+    target.write_bytes(os.urandom(30 << 20))
+    stop = threading.Event()
+
+    def appender() -> None:
+        with open(target, "ab") as f:
+            while not stop.is_set():
+                f.write(b"x" * 4096)
+                f.flush()
+
+    t = threading.Thread(target=appender)
+    t.start()
+    try:
+        time.sleep(0.02)
+        snap = liferaft.Vault(local_vault).snapshot([src], run="r")
+    finally:
+        stop.set()
+        t.join()
+    assert snap.stats["changed_during_read"] == ["d/growing"]
+    liferaft.Vault(local_vault).restore(snap.id, to=tmp_path / "back")
+    assert sorted(os.listdir(tmp_path / "back" / "d")) == ["keep"]
+
+
+def test_secrets_left_out_by_default(vault_url: str, tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "proj", {"model.pt": "w", ".netrc": "machine x password y", "kaggle.json": "{}", "keys/id_rsa": "PRIVATE"})
+    vault = liferaft.Vault(vault_url)
+    snap = vault.snapshot([src], run="r")
+    assert snap.stats["secrets_excluded"] == 3
+    vault.restore(run="r", to=tmp_path / "back")
+    assert sorted(p.name for p in (tmp_path / "back" / "proj").rglob("*") if p.is_file()) == ["model.pt"]
+    snap = vault.snapshot([src], run="r", include_secrets=True)
+    assert snap.stats["secrets_excluded"] == 0
+
+
+def test_vault_inside_snapshotted_folder_is_skipped(tmp_path: Path) -> None:
+    work = make_tree(tmp_path / "work", {"a": "1"})
+    vault = liferaft.Vault(work / ".vault")
+    vault.snapshot([work], run="r")
+    snap = vault.snapshot([work], run="r")
+    assert snap.stats["files"] == 1
+
+
+def test_two_roots_with_the_same_name(vault_url: str, tmp_path: Path) -> None:
+    a = make_tree(tmp_path / "x" / "ckpt", {"f": "x"})
+    b = make_tree(tmp_path / "y" / "ckpt", {"f": "y"})
+    vault = liferaft.Vault(vault_url)
+    snap = vault.snapshot([a, b], run="r")
+    assert [r["name"] for r in snap.roots] == ["ckpt", "ckpt-2"]
+    vault.restore(run="r", targets={"ckpt": tmp_path / "A", "ckpt-2": tmp_path / "B"})
+    assert (tmp_path / "A" / "f").read_text() == "x" and (tmp_path / "B" / "f").read_text() == "y"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"metrics": {"loss": float("nan")}}, "finite"),
+        ({"metrics": {"loss": "low"}}, "finite"),
+        ({"run": ""}, "run name"),
+        ({"step": "ten"}, "step"),
+    ],
+)
+def test_bad_snapshot_arguments_are_refused_before_writing(tmp_path: Path, kwargs: dict, needle: str) -> None:
+    vault = liferaft.Vault(tmp_path / "vault")
+    src = make_tree(tmp_path / "d", {"f": "1"})
+    with pytest.raises(LiferaftError, match=needle):
+        vault.snapshot([src], **{"run": "r", **kwargs})
+    assert vault.snapshots() == []
+
+
+def test_missing_path_is_one_clear_error(tmp_path: Path) -> None:
+    vault = liferaft.Vault(tmp_path / "vault")
+    with pytest.raises(LiferaftError, match="does not exist"):
+        vault.snapshot([tmp_path / "nope"], run="r")
+
+
+def test_restore_refuses_to_replace_a_folder_with_a_file(vault_url: str, tmp_path: Path) -> None:
+    work = make_tree(tmp_path / "w", {"thing": "file"})
+    vault = liferaft.Vault(vault_url)
+    vault.snapshot([work], run="r")
+    (work / "thing").unlink()
+    make_tree(work / "thing", {"precious": "data"})
+    with pytest.raises(LiferaftError, match="folder where the snapshot has a file"):
+        vault.restore(run="r")
+    assert (work / "thing" / "precious").read_text() == "data"
+    assert not [p for p in work.rglob(".liferaft-*")]
+
+
+def test_default_vault_when_nothing_is_configured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    vault = liferaft.Vault()
+    assert vault.choice.is_default
+    assert vault.snapshots() == []  # an unwritten default vault is simply empty
+    vault.snapshot([make_tree(tmp_path / "d", {"f": "1"})], run="r")
+    assert Path(vault.url).joinpath("config.json").is_file()
+    assert str(tmp_path) not in vault.url  # it lives in the user's data dir, not here
