@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_tree, tree_state
 
 import liferaft
+from conftest import make_tree, tree_state
 from liferaft.errors import LiferaftError
 from liferaft.vault import format as fmt
 

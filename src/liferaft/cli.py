@@ -54,7 +54,8 @@ def common(data: bool = False) -> Callable[[Callable[..., Any]], Callable[..., A
                 ctx.vault_url = vault_url
             ctx.quiet = ctx.quiet or quiet
             if data:
-                ctx.json = ctx.json or kw.pop("as_json")
+                as_json = kw.pop("as_json")
+                ctx.json = ctx.json or as_json
             return fn(ctx, *args, **kw)
 
         if data:
@@ -200,7 +201,12 @@ def restore(ctx: Ctx, snapshot_id: str | None, run: str | None, to: str | None) 
         from .config import default_run_name
 
         name = run or default_run_name()
-        runs = sorted({s.run for s in vault.snapshots()})
+        from .errors import VaultNotFound
+
+        try:
+            runs = sorted({s.run for s in vault.snapshots()})
+        except VaultNotFound:
+            runs = []
         if ctx.json:
             ctx.data({"restored": None, "run": name, "runs": runs})
             return

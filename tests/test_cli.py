@@ -1,0 +1,190 @@
+"""The real ``liferaft`` command: flows, output formats, and one clear line for each mistake."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import liferaft
+from conftest import cli, make_tree, tree_state
+
+
+def test_help_and_version() -> None:
+    r = cli("--help")
+    assert r.returncode == 0
+    for command in ("snapshot", "snapshots", "restore", "verify", "forget", "prune"):
+        assert command in r.stdout
+    r = cli("--version")
+    assert r.returncode == 0 and liferaft.__version__ in r.stdout
+
+
+def test_snapshot_list_restore_verify_flow(tmp_path: Path) -> None:
+    vault = str(tmp_path / "vault")
+    work = make_tree(tmp_path / "work", {"checkpoints/step-1.pt": os.urandom(2000), "runs/events": "e" * 100})
+    r = cli(
+        "--vault",
+        vault,
+        "snapshot",
+        "checkpoints",
+        "runs",
+        "--run",
+        "mnist",
+        "--step",
+        "1",
+        "--tag",
+        "lr=0.1",
+        "--metric",
+        "loss=0.7",
+        cwd=work,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "run 'mnist' step 1" in r.stdout
+    (work / "checkpoints" / "step-2.pt").write_bytes(os.urandom(3000))
+    r = cli("snapshot", "checkpoints", "--run", "mnist", "--step", "2", "--json", "--vault", vault, cwd=work)
+    assert r.returncode == 0, r.stderr
+    snap2 = json.loads(r.stdout)
+    assert snap2["step"] == 2 and snap2["run"] == "mnist"
+
+    r = cli("snapshots", "--json", "--vault", vault)
+    listed = json.loads(r.stdout)
+    assert [s["step"] for s in listed] == [1, 2]  # newest last
+    assert listed[0]["metrics"] == {"loss": 0.7} and listed[0]["tags"] == {"lr": "0.1"}
+    r = cli("snapshots", "--vault", vault)
+    assert r.returncode == 0 and "mnist" in r.stdout and listed[0]["id"][:12] in r.stdout
+
+    r = cli("restore", "--run", "mnist", "--to", str(tmp_path / "back"), "--vault", vault)
+    assert r.returncode == 0, r.stderr
+    assert tree_state(tmp_path / "back" / "checkpoints") == tree_state(work / "checkpoints")
+    r = cli("restore", listed[0]["id"][:8], "--to", str(tmp_path / "old"), "--vault", vault)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path / "old")) == ["checkpoints", "runs"]
+
+    r = cli("verify", "--read-data", "--vault", vault)
+    assert r.returncode == 0 and r.stdout.startswith("ok")
+    r = cli("--json", "--vault", vault, "verify")
+    assert json.loads(r.stdout)["ok"] is True
+
+
+def test_vault_from_env_then_toml_then_default(tmp_path: Path) -> None:
+    work = make_tree(tmp_path / "proj" / "sub", {"f": "1"})
+    (tmp_path / "proj" / "liferaft.toml").write_text('vault = "store"\nrun = "from-toml"\n')
+    r = cli("snapshot", "f", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "proj" / "store" / "config.json").is_file()  # relative to the toml
+    assert "run 'from-toml'" in r.stdout
+    r = cli("snapshot", "f", cwd=work, env={"LIFERAFT_VAULT": str(tmp_path / "envvault")})
+    assert r.returncode == 0 and (tmp_path / "envvault" / "config.json").is_file()
+    r = cli("--vault", str(tmp_path / "flag"), "snapshot", "f", cwd=work, env={"LIFERAFT_VAULT": str(tmp_path / "envvault")})
+    assert r.returncode == 0 and (tmp_path / "flag" / "config.json").is_file()
+    r = cli("info", "--json", cwd=tmp_path)
+    assert json.loads(r.stdout)["source"] == "default"
+
+
+def test_forget_keeps_last_and_prune_frees_space(tmp_path: Path) -> None:
+    vault = str(tmp_path / "vault")
+    work = tmp_path / "w"
+    work.mkdir()
+    for step in range(5):
+        (work / "ckpt.bin").write_bytes(os.urandom(1 << 20))
+        assert cli("--vault", vault, "snapshot", str(work), "--run", "r", "--step", str(step)).returncode == 0
+    packs_before = sum(1 for _ in Path(vault, "packs").rglob("*") if _.is_file())
+    r = cli("--vault", vault, "forget", "--run", "r", "--keep-last", "2", "--prune")
+    assert r.returncode == 0, r.stderr
+    assert "forgot 3 snapshot(s)" in r.stdout
+    steps = [s["step"] for s in json.loads(cli("--vault", vault, "snapshots", "--json").stdout)]
+    assert steps == [3, 4]
+    packs_after = sum(1 for _ in Path(vault, "packs").rglob("*") if _.is_file())
+    assert packs_after < packs_before
+    assert cli("--vault", vault, "verify", "--read-data").returncode == 0
+    r = cli("--vault", vault, "restore", "--run", "r", "--to", str(tmp_path / "back"))
+    assert r.returncode == 0 and (tmp_path / "back" / "w" / "ckpt.bin").read_bytes() == (work / "ckpt.bin").read_bytes()
+
+
+def test_restore_with_nothing_to_restore_is_not_an_error(tmp_path: Path) -> None:
+    r = cli("--vault", str(tmp_path / "v"), "restore", "--run", "fresh")
+    assert r.returncode == 0
+    assert "nothing to restore" in r.stdout
+
+
+def _one_line_error(r, *needles: str) -> None:
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--vault", "ftp://host/x", "snapshots"], ["unknown vault URL scheme 'ftp'", "use one of"]),
+        (["--vault", "{missing}", "snapshots"], ["no vault at", "check --vault"]),
+        (["--vault", "{notavault}", "snapshots"], ["is not a liferaft vault", "empty or new folder"]),
+        (["--vault", "{notavault}", "snapshot", "{work}"], ["is not a liferaft vault"]),
+        (["--vault", "{vault}", "snapshot", "{tmp}/nope"], ["does not exist"]),
+        (["--vault", "{vault}", "snapshot", "{work}", "--tag", "novalue"], ["is not KEY=VALUE"]),
+        (["--vault", "{vault}", "snapshot", "{work}", "--metric", "loss=low"], ["not a number"]),
+        (["--vault", "{vault}", "restore", "deadbeef"], ["no snapshot with id 'deadbeef'"]),
+        (["--vault", "{vault}", "restore", "ab"], ["too short"]),
+        (["--vault", "{vault}", "forget", "--run", "r", "--keep-last", "0"], ["keep at least 1"]),
+        (["--vault", "{vault}", "forget"], ["--keep-last"]),
+        (["--vault", "gs://bucket/x", "snapshots"], ["pip install"]),
+    ],
+)
+def test_mistakes_get_one_clear_line(tmp_path: Path, args: list[str], needles: list[str]) -> None:
+    work = make_tree(tmp_path / "work", {"f": "1"})
+    vault = tmp_path / "vault"
+    liferaft.Vault(vault).snapshot([work], run="r")
+    notavault = make_tree(tmp_path / "photos", {"cat.jpg": "meow"})
+    fill = {"missing": str(tmp_path / "missing"), "notavault": str(notavault), "work": str(work), "vault": str(vault), "tmp": str(tmp_path)}
+    argv = [a.format(**fill) for a in args]
+    if "gs://" in " ".join(argv):
+        try:
+            import gcsfs  # noqa: F401
+
+            pytest.skip("gcsfs is installed here")
+        except ImportError:
+            pass
+    r = cli(*argv)
+    _one_line_error(r, *needles)
+    assert sorted(os.listdir(notavault)) == ["cat.jpg"]  # nothing written into a foreign folder
+    assert len(liferaft.Vault(vault).snapshots()) == 1
+
+
+def test_usage_errors_exit_2() -> None:
+    r = cli("snapshot")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = cli("frobnicate")
+    assert r.returncode == 2 and "No such command" in r.stderr
+
+
+def test_newer_format_is_refused_with_upgrade_hint(tmp_path: Path) -> None:
+    vault = tmp_path / "vault"
+    liferaft.Vault(vault).snapshot([make_tree(tmp_path / "w", {"f": "1"})], run="r")
+    config = json.loads((vault / "config.json").read_text())
+    config["format"] = 99
+    (vault / "config.json").write_text(json.dumps(config))
+    r = cli("--vault", str(vault), "snapshots")
+    _one_line_error(r, "format 99", "pip install -U liferaft")
+    r = cli("--vault", str(vault), "snapshot", str(tmp_path / "w"))
+    _one_line_error(r, "format 99")
+
+
+def test_quiet_prints_nothing(tmp_path: Path) -> None:
+    work = make_tree(tmp_path / "w", {"f": "1"})
+    r = cli("--vault", str(tmp_path / "v"), "snapshot", str(work), "-q")
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
+
+
+def test_readme_test_command_is_what_ci_runs() -> None:
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    ci = (root / ".ci" / "run").read_text()
+    commands = [ln.strip()[2:].split("  #")[0].strip() for ln in readme.splitlines() if ln.strip().startswith("$ ")][:2]
+    assert len(commands) == 2
+    assert commands[1] in ci
+    assert "demo" in commands[0]
