@@ -68,6 +68,12 @@ class Backend(abc.ABC):
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         """Return ``length`` bytes from ``offset`` (all of it when ``length`` is None)."""
 
+    def read_into(self, name: str, offset: int, view: memoryview) -> int:
+        """Fill ``view`` with bytes from ``offset``; return how many were there."""
+        data = self.get(name, offset, len(view))
+        view[: len(data)] = data
+        return len(data)
+
     @abc.abstractmethod
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         """Yield every object whose name starts with ``prefix`` (a folder, ending in ``/``)."""

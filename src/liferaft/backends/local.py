@@ -136,6 +136,25 @@ class LocalBackend(Backend):
             _raise_os(err, name)
             raise  # unreachable
 
+    def read_into(self, name: str, offset: int, view: memoryview) -> int:
+        try:
+            fd = os.open(self._path(name), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise ObjectNotFound(name) from None
+        try:
+            got = 0
+            while got < len(view):
+                n = os.preadv(fd, [view[got:]], offset + got)
+                if n <= 0:
+                    break
+                got += n
+            return got
+        except OSError as err:
+            _raise_os(err, name)
+            raise
+        finally:
+            os.close(fd)
+
     def stat(self, name: str) -> ObjectInfo:
         try:
             st = self._path(name).stat()

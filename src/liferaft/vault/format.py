@@ -112,8 +112,8 @@ def maybe_compress(data: bytes | memoryview) -> tuple[int, bytes | memoryview]:
     return CODEC_ZSTD, packed
 
 
-def unpack_blob(blob_id: bytes, codec: int, stored: bytes | memoryview, raw_length: int) -> bytes:
-    """Decode a stored blob and check it against its id."""
+def unpack_blob(blob_id: bytes, codec: int, stored: bytes | memoryview, raw_length: int) -> bytes | memoryview:
+    """Decode a stored blob and check it against its id (a raw blob comes back as given)."""
     if codec == CODEC_ZSTD:
         data: bytes | memoryview = decompress(stored, raw_length)
     elif codec == CODEC_RAW:
@@ -124,7 +124,7 @@ def unpack_blob(blob_id: bytes, codec: int, stored: bytes | memoryview, raw_leng
         raise VaultCorrupt(f"blob {blob_id.hex()[:12]} has unknown codec {codec}")
     if digest(data) != blob_id:
         raise VaultCorrupt(f"blob {blob_id.hex()[:12]} does not match its hash")
-    return bytes(data)
+    return data
 
 
 # ---------------------------------------------------------------- packs

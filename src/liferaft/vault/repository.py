@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import secrets
 import socket
 import threading
@@ -259,6 +260,11 @@ class Repository:
             raise VaultCorrupt(f"pack {pack_id[:12]} is shorter than its index says")
         return data
 
+    def read_pack_into(self, pack_id: str, offset: int, view: memoryview) -> None:
+        """Fill ``view`` from a pack (restore reuses its buffers this way)."""
+        if self.backend.read_into(pack_name(pack_id), offset, view) != len(view):
+            raise VaultCorrupt(f"pack {pack_id[:12]} is shorter than its index says")
+
     def read_blob(self, blob_id: bytes) -> bytes:
         """Return a blob's bytes, checked against its id."""
         for attempt in (0, 1):
@@ -274,7 +280,7 @@ class Repository:
                 if attempt == 0:
                     continue  # a prune may have repacked it: look again
                 raise VaultCorrupt(f"pack {pack_id[:12]} holding blob {blob_id.hex()[:12]} is missing") from None
-            return fmt.unpack_blob(blob_id, codec, stored, raw_length)
+            return bytes(fmt.unpack_blob(blob_id, codec, stored, raw_length))
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------ snapshots
@@ -435,6 +441,24 @@ def info_from_manifest(sid: str, doc: dict[str, Any]) -> SnapshotInfo:
     )
 
 
+class _PackBuffer:
+    """A reusable, growable pack buffer."""
+
+    def __init__(self, capacity: int) -> None:
+        self.buf = bytearray(capacity)
+        self.n = 0
+
+    def append(self, data: bytes | bytearray | memoryview) -> None:
+        end = self.n + len(data)
+        if end > len(self.buf):
+            self.buf.extend(bytes(end - len(self.buf)))
+        self.buf[self.n : end] = data
+        self.n = end
+
+    def view(self) -> memoryview:
+        return memoryview(self.buf)[: self.n]
+
+
 class WriteSession:
     """One writer's packs, index fragment and session lock.
 
@@ -455,11 +479,16 @@ class WriteSession:
         doomed = repo.doomed_packs()
         index = repo.index(reload=True)
         self.known: set[bytes] = {b for b, e in index.items() if e[0] not in doomed}
-        self._buf = bytearray()
+        # Pack buffers are reused: fresh memory costs page faults, and on some VMs
+        # first-touched memory costs several times a memcpy. At most max_pending + 1
+        # packs are in memory at once: the one being filled and those uploading.
+        self._free: queue.Queue[_PackBuffer] = queue.Queue()
+        self._buffers = 0
+        self._max_buffers = max_pending + 1
+        self._cur: _PackBuffer | None = None
         self._entries: list[fmt.PackEntry] = []
         self._packs: dict[str, tuple[int, list[fmt.PackEntry]]] = {}
         self._pool = ThreadPoolExecutor(upload_workers, thread_name_prefix="liferaft-upload")
-        self._slots = threading.Semaphore(max_pending)
         self._futures: list[Future[None]] = []
         self._error: BaseException | None = None
         self.added_bytes = 0
@@ -514,44 +543,52 @@ class WriteSession:
             codec, stored = fmt.CODEC_ZSTD, fmt.compress(data)
         else:
             codec, stored = fmt.CODEC_RAW, data
-        self._entries.append(fmt.PackEntry(blob_id, codec, len(self._buf), len(stored), len(data)))
-        self._buf += stored
+        buf = self._buffer()
+        self._entries.append(fmt.PackEntry(blob_id, codec, buf.n, len(stored), len(data)))
+        buf.append(stored)
         self.known.add(blob_id)
         self.added_bytes += len(data)
         self.stored_bytes += len(stored)
         self.added_blobs += 1
-        if len(self._buf) >= self.repo.pack_target:
+        if buf.n >= self.repo.pack_target:
             self._seal()
         return blob_id
 
+    def _buffer(self) -> _PackBuffer:
+        if self._cur is None:
+            if self._free.empty() and self._buffers < self._max_buffers:
+                self._buffers += 1
+                self._cur = _PackBuffer(self.repo.pack_target + (8 << 20))
+            else:
+                self._cur = self._free.get()  # back-pressure: wait for an upload to finish
+                self._check()
+            self._cur.n = 0
+        return self._cur
+
     def _seal(self) -> None:
-        if not self._entries:
+        if not self._entries or self._cur is None:
             return
-        self._buf += fmt.build_pack_header(secrets.token_bytes(16), self._entries)
-        data = bytes(self._buf)
+        buf = self._cur
+        buf.append(fmt.build_pack_header(secrets.token_bytes(16), self._entries))
+        data = buf.view()
         pack_id = fmt.hexdigest(data)
-        self._packs[pack_id] = (len(data), self._entries)
-        self._buf = bytearray()
+        self._packs[pack_id] = (buf.n, self._entries)
         self._entries = []
-        self._slots.acquire()
-        try:
-            self._check()
-        except BaseException:
-            self._slots.release()
-            raise
-        fut = self._pool.submit(self._upload, pack_id, data)
+        self._cur = None
+        self._check()
+        fut = self._pool.submit(self._upload, pack_id, buf)
         self._futures.append(fut)
 
-    def _upload(self, pack_id: str, data: bytes) -> None:
+    def _upload(self, pack_id: str, buf: _PackBuffer) -> None:
         try:
-            self.backend.put(pack_name(pack_id), data, overwrite=False)
+            self.backend.put(pack_name(pack_id), buf.view(), overwrite=False)
         except ObjectExists:
             pass  # same bytes, random nonce: only a retry of ours can collide
-        except BaseException as err:
+        except BaseException as err:  # surfaced by the next call
             if self._error is None:
                 self._error = self._convert(err)
         finally:
-            self._slots.release()
+            self._free.put(buf)
 
     def flush(self) -> list[str]:
         """Seal the open pack, wait for uploads, write this session's index fragment."""

@@ -29,6 +29,16 @@ from .statcache import StatCache, stat_key
 
 SEGMENT = 16 << 20
 GAP = 1 << 20
+_CREATE = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _finish_file(fd: int, f: fmt.Entry) -> None:
+    """Mode and time on a complete temp file, then close it (rename keeps both)."""
+    try:
+        os.fchmod(fd, f.mode & 0o1777)  # never set-uid/set-gid from a vault
+        os.utime(fd, ns=(f.mtime_ns, f.mtime_ns))
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -158,10 +168,10 @@ def restore_snapshot(
             raise VaultCorrupt(f"snapshot {snap.short_id}: {f.path!r:.80} is {f.size} bytes but its blobs add up to {offset}")
 
     tree = _Tree()
-    temps: dict[int, Path] = {}
-    finals: dict[int, Path] = {}
+    temps: dict[int, str] = {}
+    finals: dict[int, str] = {}
     try:
-        # Folders first, then one temp file per file, sized to its length.
+        # Folders first; every file's place is checked before any byte is read.
         for e in entries:
             root, rel = _split(e.path)
             if e.type == fmt.TYPE_DIR:
@@ -174,33 +184,23 @@ def restore_snapshot(
             if not rel:  # the root itself is a file
                 parent = dests[root].parent
                 os.makedirs(parent, exist_ok=True)
-                final = dests[root]
+                final = str(dests[root])
             else:
                 parent = tree.ensure(dests[root], rel[:-1])
-                final = parent / rel[-1]
-            tmp = parent / f".liferaft-{secrets.token_hex(6)}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+                final = os.path.join(parent, rel[-1])
             try:
-                if f.size:
-                    os.ftruncate(fd, f.size)
-            finally:
-                os.close(fd)
-            temps[i] = tmp
-            finals[i] = final
-        _fill(repo, files, temps, index, progress, workers)
-        # Everything verified: now make it visible.
-        for i, f in enumerate(files):
-            final = finals[i]
-            try:
-                st = os.lstat(final)
-                if stat.S_ISDIR(st.st_mode):
+                if stat.S_ISDIR(os.lstat(final).st_mode):
                     raise RestoreRefused(f"{final} is a folder where the snapshot has a file", "move it away or restore with --to DIR")
             except FileNotFoundError:
                 pass
-            os.chmod(temps[i], f.mode & 0o1777)
-            os.utime(temps[i], ns=(f.mtime_ns, f.mtime_ns))
-            os.replace(temps[i], final)
-            del temps[i]
+            temps[i] = os.path.join(parent, f".liferaft-{secrets.token_hex(6)}.tmp")
+            finals[i] = final
+            if not f.blobs:
+                _finish_file(os.open(temps[i], _CREATE, 0o600), f)
+        _fill(repo, files, temps, index, progress, workers)
+        # Everything verified: now make it visible.
+        for i, f in enumerate(files):
+            os.replace(temps.pop(i), finals[i])
             result.files += 1
             result.nbytes += f.size
         for e in entries:
@@ -249,7 +249,7 @@ def restore_snapshot(
 def _fill(
     repo: Repository,
     files: list[fmt.Entry],
-    temps: dict[int, Path],
+    temps: dict[int, str],
     index: dict[bytes, fmt.IndexEntry],
     progress: Progress,
     workers: int,
@@ -273,6 +273,7 @@ def _fill(
         progress.advance(empty, 0)
     remaining = {i: len(f.blobs) for i, f in enumerate(files)}
     lock = threading.Lock()
+    local = threading.local()  # one reusable read buffer per worker
 
     def do_pack(pack_id: str) -> None:
         blobs = sorted(by_pack[pack_id])
@@ -283,14 +284,19 @@ def _fill(
                 return
             start = seg[0][0]
             end = seg[-1][0] + seg[-1][1]
+            buf = getattr(local, "buf", None)
+            if buf is None or len(buf) < end - start:
+                buf = local.buf = bytearray(max(SEGMENT + (4 << 20), end - start))
+            data = memoryview(buf)[: end - start]
             try:
-                data = memoryview(repo.read_pack_range(pack_id, start, end - start))
+                repo.read_pack_into(pack_id, start, data)
             except ObjectNotFound:
                 raise VaultCorrupt(f"pack {pack_id[:12]} is missing from the vault") from None
             for off, length, codec, raw, bid in seg:
                 plain = fmt.unpack_blob(bid, codec, data[off - start : off - start + length], raw)
                 for i, file_off in targets[bid]:
-                    fd = os.open(temps[i], os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+                    # Temp names are random and fresh: created by the first blob to arrive.
+                    fd = os.open(temps[i], _CREATE, 0o600)
                     try:
                         view = memoryview(plain)
                         pos = file_off
@@ -298,11 +304,15 @@ def _fill(
                             n = os.pwrite(fd, view, pos)
                             view = view[n:]
                             pos += n
+                        with lock:
+                            remaining[i] -= 1
+                            done = remaining[i] == 0
+                        if done:
+                            _finish_file(fd, files[i])
+                            fd = -1
                     finally:
-                        os.close(fd)
-                    with lock:
-                        remaining[i] -= 1
-                        done = remaining[i] == 0
+                        if fd >= 0:
+                            os.close(fd)
                     progress.advance(1 if done else 0, raw)
             seg.clear()
 
