@@ -144,7 +144,12 @@ class LocalBackend(Backend):
         try:
             got = 0
             while got < len(view):
-                n = os.preadv(fd, [view[got:]], offset + got)
+                if hasattr(os, "preadv"):
+                    n = os.preadv(fd, [view[got:]], offset + got)
+                else:  # pragma: no cover - platforms without preadv
+                    chunk = os.pread(fd, len(view) - got, offset + got)
+                    view[got : got + len(chunk)] = chunk
+                    n = len(chunk)
                 if n <= 0:
                     break
                 got += n

@@ -1,0 +1,55 @@
+"""Helpers for the benchmarks: run a command as a child, time it, read its peak RSS."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Timing:
+    name: str
+    seconds: float
+    peak_rss_mib: float
+    returncode: int
+
+
+def run(name: str, argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None, quiet: bool = True) -> Timing:
+    """Run ``argv`` as one child process; wall time and its own peak RSS (wait4)."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    out = subprocess.DEVNULL if quiet else None
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=cwd, env=full_env, stdout=out, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    code = os.waitstatus_to_exitcode(status)
+    proc.returncode = code
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if code != 0:
+        print(f"{name} failed ({code}): {err[-2000:]}", file=sys.stderr)
+    return Timing(name, seconds, usage.ru_maxrss / 1024, code)
+
+
+def liferaft_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "liferaft", *args]
+
+
+def drop(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    if path.exists():
+        path.unlink()
+
+
+def sync() -> None:
+    os.sync()
+
+
+def table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)

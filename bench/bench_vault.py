@@ -1,0 +1,143 @@
+"""Vault speed and memory against the tools people use today, in one run on the same data.
+
+    python bench/bench_vault.py                 # 1 GiB in 4 files, 50 000 files of 4 KiB
+    python bench/bench_vault.py --gib 0.25 --small-files 10000   # quicker
+
+Workloads and baselines (issue 2):
+- 1 GiB of checkpoint-like random data in 4 files: `liferaft snapshot` vs `cp -r`
+  (the physical limit), `tar czf` (what the old colab_utils did) and `zip -r`;
+- the same snapshot again, unchanged;
+- restore of that snapshot vs `cp -r`;
+- 50 000 files of 4 KiB: snapshot and restore vs `zip -r` / `unzip -qq`;
+- peak RSS of every liferaft process.
+Every command runs as its own child process; the page cache is warm for all of them
+(the data was just written), so the comparison is CPU and write path, not cold reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import Timing, drop, liferaft_argv, run, sync, table  # noqa: E402
+
+
+def make_big(root: Path, total: int, files: int = 4) -> None:
+    root.mkdir(parents=True)
+    per = total // files
+    block = 16 << 20
+    for i in range(files):
+        with open(root / f"shard-{i}.bin", "wb") as f:
+            left = per
+            while left:
+                n = min(block, left)
+                f.write(os.urandom(n))
+                left -= n
+
+
+def make_small(root: Path, count: int, size: int = 4096) -> None:
+    root.mkdir(parents=True)
+    per_dir = 1000
+    for i in range(count):
+        d = root / f"d{i // per_dir:03d}"
+        if i % per_dir == 0:
+            d.mkdir()
+        # Text-like, so zip has something to compress, as real small files do.
+        line = f"sample {i} label {i % 10} " * 8
+        (d / f"{i:06d}.txt").write_bytes((line.encode() * (size // len(line) + 1))[:size])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gib", type=float, default=1.0, help="size of the big workload in GiB")
+    ap.add_argument("--small-files", type=int, default=50_000)
+    ap.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    ap.add_argument("--skip-slow-baselines", action="store_true", help="skip tar czf and zip on the big data")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    scratch = Path(tempfile.mkdtemp(prefix="liferaft-bench-", dir=args.dir))
+    env = {"LIFERAFT_CACHE_DIR": str(scratch / "cache")}
+    results: dict[str, Timing] = {}
+    try:
+        big = scratch / "big"
+        make_big(big, int(args.gib * (1 << 30)))
+        sync()
+        vault = scratch / "vault"
+        t = results
+        t["cp"] = run("cp -r", ["cp", "-r", str(big), str(scratch / "cp-copy")])
+        drop(scratch / "cp-copy")
+        sync()
+        t["snap"] = run("liferaft snapshot", liferaft_argv("--vault", str(vault), "-q", "snapshot", str(big), "--run", "big"), env=env)
+        sync()
+        t["snap2"] = run("liferaft snapshot (unchanged)", liferaft_argv("--vault", str(vault), "-q", "snapshot", str(big), "--run", "big"), env=env)
+        t["restore"] = run(
+            "liferaft restore", liferaft_argv("--vault", str(vault), "-q", "restore", "--run", "big", "--to", str(scratch / "restored")), env=env
+        )
+        drop(scratch / "restored")
+        sync()
+        t["cp2"] = run("cp -r (again)", ["cp", "-r", str(big), str(scratch / "cp-copy")])
+        drop(scratch / "cp-copy")
+        sync()
+        if not args.skip_slow_baselines:
+            t["tar"] = run("tar czf", ["tar", "czf", str(scratch / "big.tgz"), "-C", str(scratch), "big"])
+            drop(scratch / "big.tgz")
+            t["zip"] = run("zip -r", ["zip", "-qr", str(scratch / "big.zip"), "big"], cwd=scratch)
+            drop(scratch / "big.zip")
+        drop(big)
+        drop(vault)
+        sync()
+
+        small = scratch / "small"
+        make_small(small, args.small_files)
+        sync()
+        t["ssnap"] = run("liferaft snapshot (small files)", liferaft_argv("--vault", str(vault), "-q", "snapshot", str(small), "--run", "small"), env=env)
+        t["zip_small"] = run("zip -r (small files)", ["zip", "-qr", str(scratch / "small.zip"), "small"], cwd=scratch)
+        t["srestore"] = run(
+            "liferaft restore (small files)",
+            liferaft_argv("--vault", str(vault), "-q", "restore", "--run", "small", "--to", str(scratch / "srestored")),
+            env=env,
+        )
+        (scratch / "unz").mkdir()
+        t["unzip"] = run("unzip -qq (small files)", ["unzip", "-qq", str(scratch / "small.zip"), "-d", str(scratch / "unz")])
+    finally:
+        drop(scratch)
+
+    if any(x.returncode != 0 for x in results.values()):
+        return 1
+    gib = args.gib
+    cp = min(results["cp"].seconds, results["cp2"].seconds)
+    ratios = {
+        "snapshot speed vs cp (goal >= 0.5)": cp / results["snap"].seconds,
+        "unchanged snapshot / first (goal <= 0.03)": results["snap2"].seconds / results["snap"].seconds,
+        "restore speed vs cp (goal >= 0.5)": cp / results["restore"].seconds,
+        "small files: snapshot speed vs zip -r": results["zip_small"].seconds / results["ssnap"].seconds,
+        "small files: restore speed vs unzip": results["unzip"].seconds / results["srestore"].seconds,
+    }
+    if "tar" in results:
+        ratios["snapshot speedup vs tar czf (goal >= 10)"] = results["tar"].seconds / results["snap"].seconds
+        ratios["snapshot speedup vs zip -r"] = results["zip"].seconds / results["snap"].seconds
+    peak = max(v.peak_rss_mib for k, v in results.items() if k in ("snap", "snap2", "restore", "ssnap", "srestore"))
+    if args.json:
+        print(json.dumps({"gib": gib, "small_files": args.small_files, "timings": {k: v.__dict__ for k, v in results.items()}, "ratios": ratios, "peak_rss_mib": peak}, indent=2))
+        return 0
+    rows = [("workload", "seconds", "MiB/s", "peak RSS MiB")]
+    sizes = {"cp": gib, "cp2": gib, "snap": gib, "snap2": gib, "restore": gib, "tar": gib, "zip": gib}
+    for k, v in results.items():
+        rate = f"{sizes[k] * 1024 / v.seconds:.0f}" if k in sizes else ""
+        rows.append((v.name, f"{v.seconds:.2f}", rate, f"{v.peak_rss_mib:.0f}"))
+    print(f"data: {gib:g} GiB in 4 random files; {args.small_files} files of 4 KiB; {os.cpu_count()} cores")
+    print(table(rows))
+    print()
+    print(table([("ratio", "value")] + [(k, f"{v:.3f}") for k, v in ratios.items()]))
+    print(f"peak RSS of liferaft (goal < 300 MiB): {peak:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
