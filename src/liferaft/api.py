@@ -35,7 +35,7 @@ class Vault:
     def __init__(self, url: str | os.PathLike[str] | None = None) -> None:
         self.choice: VaultChoice = resolve_vault(url)
         self.url = self.choice.url
-        self.backend = open_backend(self.url)
+        self.backend = open_backend(self.url, self.choice.options)
         self._repo: Repository | None = None
 
     def __repr__(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ CONFIG_FILE = "liferaft.toml"
 class VaultChoice:
     url: str
     source: str  # "--vault", "LIFERAFT_VAULT", "<path>/liferaft.toml" or "default"
+    options: dict[str, Any] = field(default_factory=dict)  # store client options from liferaft.toml
 
     @property
     def is_default(self) -> bool:
@@ -68,14 +69,16 @@ def resolve_vault(explicit: str | os.PathLike[str] | None = None, cwd: Path | No
     path, settings = project_settings(cwd)
     if path is not None:
         value = settings.get("vault")
+        options: dict[str, Any] = {}
         if isinstance(value, dict):
+            options = value.get("options", {}) if isinstance(value.get("options", {}), dict) else {}
             value = value.get("url")
         if value is not None:
             if not isinstance(value, str) or not value:
                 raise LiferaftError(f"{path}: 'vault' must be a URL or a path", 'write vault = "gs://bucket/vault" or a folder')
             if "://" not in value and not os.path.isabs(os.path.expanduser(value)):
                 value = str((path.parent / value).absolute())  # relative to the toml file
-            return VaultChoice(os.path.expanduser(value), str(path))
+            return VaultChoice(os.path.expanduser(value), str(path), dict(options))
     return VaultChoice(str(default_vault_dir()), "default")
 
 

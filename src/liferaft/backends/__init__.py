@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 from urllib.parse import urlparse
 
 from ..errors import BadVaultURL
@@ -25,8 +26,8 @@ _EXTRAS = {"gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"), "s3": ("s3fs", "s3")
 SCHEMES = ("a local path", "file://", "memory://", "gs://", "s3://")
 
 
-def open_backend(url: str | os.PathLike[str]) -> Backend:
-    """Return the backend for a vault URL or path.
+def open_backend(url: str | os.PathLike[str], options: dict[str, Any] | None = None) -> Backend:
+    """Return the backend for a vault URL or path; ``options`` go to the store's client.
 
     >>> open_backend("/content/vault")          # doctest: +SKIP
     >>> open_backend("memory://tests/vault")    # doctest: +SKIP
@@ -54,9 +55,9 @@ def open_backend(url: str | os.PathLike[str]) -> Backend:
                 f"{scheme}:// vaults need the {module} package",
                 f"pip install 'liferaft[{extra}]'",
             ) from None
-        from .fsspec_backend import FsspecBackend
+        from .objectstore import ObjectStoreBackend
 
-        return FsspecBackend(text)
+        return ObjectStoreBackend(text, **(options or {}))
     raise BadVaultURL(
         f"unknown vault URL scheme {scheme!r} in {text!r}",
         "use one of: " + ", ".join(SCHEMES),
