@@ -91,14 +91,13 @@ class LocalBackend(Backend):
                 except OSError as err:
                     if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
                         raise
-                    # No hard links (some FUSE mounts): exclusive create, then rename over
-                    # our own placeholder. Not atomic against a concurrent writer of the
-                    # same name, which the vault avoids by using unique names.
-                    try:
-                        os.close(os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-                    except FileExistsError:
+                    # No hard links (some FUSE mounts): check, then rename. Not atomic
+                    # against a concurrent writer of the same name, which the vault avoids
+                    # by unique names (random packs, content-named manifests); never an
+                    # empty placeholder a reader could see.
+                    if final.exists():
                         raise ObjectExists(name) from None
-                    os.replace(tmp, final)
+                    os.rename(tmp, final)
                 finally:
                     if tmp.exists():
                         os.unlink(tmp)
@@ -219,4 +218,7 @@ class LocalBackend(Backend):
     def is_empty(self) -> bool:
         if not self.root.exists():
             return True
-        return next(iter(os.scandir(self.root)), None) is None
+        with os.scandir(self.root) as entries:
+            # Our own temp files are a write in flight (another process creating this
+            # vault) or an interrupted one: neither makes the folder someone else's.
+            return all(e.name.startswith(TMP_PREFIX) for e in entries)

@@ -6,7 +6,9 @@ import json
 import os
 import secrets
 import socket
+import threading
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from ..backends import BackendError, ObjectExists, ObjectNotFound
 from ..backends.local import LocalBackend
 from ..errors import LiferaftError, LockedError, VaultCorrupt
 from . import format as fmt
-from .repository import PRUNE_LOCK, STALE_AFTER, Repository, SnapshotInfo, pack_name
+from .repository import PRUNE_LOCK, SESSION_REFRESH, STALE_AFTER, Repository, SnapshotInfo, pack_name
 
 # ------------------------------------------------------------------ verify
 
@@ -208,16 +210,82 @@ class PruneReport:
         return self.__dict__.copy()
 
 
-def _lock_doc(doomed: list[str]) -> bytes:
-    now = time.time()
-    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "refreshed": now, "doomed": doomed}).encode()
+class _PruneLock:
+    """The prune lock: create-only, refreshed by a heartbeat, released only while ours."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.backend = repo.backend
+        self.id = uuid.uuid4().hex
+        self.doomed: list[str] = []
+        self.lost = False
+        self._mu = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="liferaft-prune-lock", daemon=True)
+
+    def _doc(self) -> bytes:
+        doc = {"id": self.id, "host": socket.gethostname(), "pid": os.getpid(), "refreshed": time.time(), "doomed": self.doomed}
+        return json.dumps(doc).encode()
+
+    def _ours(self) -> bool:
+        doc = self.repo._read_lock(PRUNE_LOCK)
+        return doc is not None and doc.get("id") == self.id
+
+    def acquire(self) -> None:
+        try:
+            self.backend.put(PRUNE_LOCK, self._doc(), overwrite=False)
+        except ObjectExists:
+            doc = self.repo._read_lock(PRUNE_LOCK)
+            if self.repo._lock_live(doc):
+                who = f"{doc.get('host')} pid {doc.get('pid')}" if doc else "another process"
+                raise LockedError(f"a prune is already running on {who}", "wait for it to finish") from None
+            self.backend.put(PRUNE_LOCK, self._doc(), overwrite=True)  # a dead prune's lock
+        if not self.backend.capabilities.create_only:
+            # The store ignores create-only: wait out a racing prune's write, then check.
+            time.sleep(1.0)
+            if not self._ours():
+                raise LockedError("another prune took the lock at the same moment", "run prune again later")
+        self._thread.start()
+
+    def publish(self, doomed: list[str]) -> None:
+        with self._mu:
+            self.doomed = doomed
+            if self.lost:
+                raise LockedError("this prune lost its lock (it stalled too long)", "run prune again")
+            self.backend.put(PRUNE_LOCK, self._doc(), overwrite=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(SESSION_REFRESH):
+            with self._mu:
+                try:
+                    if not self._ours():
+                        self.lost = True
+                        return
+                    self.backend.put(PRUNE_LOCK, self._doc(), overwrite=True)
+                except (LiferaftError, BackendError):
+                    pass
+
+    def check(self) -> None:
+        if self.lost or not self._ours():
+            self.lost = True
+            raise LockedError("this prune lost its lock before deleting anything", "run prune again")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        try:
+            if self._ours():
+                self.backend.delete(PRUNE_LOCK)
+        except BackendError:
+            pass
 
 
 def prune(repo: Repository, *, wait: float = 30.0, repack_below: float = 0.5, temp_age: float = 3600.0) -> PruneReport:
     """Delete what no snapshot needs; never what a running writer may still reference.
 
     Protocol (see the README's design section):
-    1. take the prune lock (create-only);
+    1. take the prune lock (create-only; a heartbeat keeps it fresh);
     2. list packs, index fragments, manifests; mark blobs reachable from manifests;
     3. publish the doomed packs in the lock: writers that start from now on read it
        and never dedup against them;
@@ -227,22 +295,12 @@ def prune(repo: Repository, *, wait: float = 30.0, repack_below: float = 0.5, te
        replacement index fragment, delete the old fragments, then the doomed packs.
     """
     report = PruneReport()
-    backend = repo.backend
+    lock = _PruneLock(repo)
+    lock.acquire()
     try:
-        backend.put(PRUNE_LOCK, _lock_doc([]), overwrite=False)
-    except ObjectExists:
-        doc = repo._read_lock(PRUNE_LOCK)
-        if repo._lock_live(doc):
-            who = f"{doc.get('host')} pid {doc.get('pid')}" if doc else "another process"
-            raise LockedError(f"a prune is already running on {who}", "wait for it to finish") from None
-        backend.put(PRUNE_LOCK, _lock_doc([]), overwrite=True)
-    try:
-        return _prune_locked(repo, report, wait, repack_below, temp_age)
+        return _prune_locked(repo, report, wait, repack_below, temp_age, lock)
     finally:
-        try:
-            backend.delete(PRUNE_LOCK)
-        except BackendError:
-            pass
+        lock.release()
 
 
 def _mark(repo: Repository) -> tuple[list[SnapshotInfo], set[bytes]]:
@@ -266,15 +324,23 @@ def _mark(repo: Repository) -> tuple[list[SnapshotInfo], set[bytes]]:
     return snaps, live
 
 
-def _prune_locked(repo: Repository, report: PruneReport, wait: float, repack_below: float, temp_age: float) -> PruneReport:
-    backend = repo.backend
-    packs = {o.name.rsplit("/", 1)[-1]: o for o in repo._list("packs/")}
+def _fresh_index(repo: Repository) -> tuple[dict[str, dict[bytes, fmt.IndexEntry]], dict[str, list[tuple[bytes, fmt.IndexEntry]]]]:
+    repo.index(reload=True)
     fragments = repo.fragments()
-    _snaps, live = _mark(repo)
     by_pack: dict[str, list[tuple[bytes, fmt.IndexEntry]]] = defaultdict(list)
     for frag in fragments.values():
         for bid, entry in frag.items():
             by_pack[entry[0]].append((bid, entry))
+    return fragments, by_pack
+
+
+def _prune_locked(repo: Repository, report: PruneReport, wait: float, repack_below: float, temp_age: float, lock: _PruneLock) -> PruneReport:
+    backend = repo.backend
+    packs = {o.name.rsplit("/", 1)[-1]: o for o in repo._list("packs/")}
+    # Read the index after listing packs, never from a cache: a pack listed above whose
+    # fragment we do not see is an orphan or belongs to a writer with a live session.
+    fragments, by_pack = _fresh_index(repo)
+    _snaps, live = _mark(repo)
 
     def plan(live: set[bytes]) -> tuple[set[str], set[str]]:
         doomed, repack = set(), set()
@@ -291,7 +357,7 @@ def _prune_locked(repo: Repository, report: PruneReport, wait: float, repack_bel
     if not doomed and not repack:
         _delete_temps(repo, report, temp_age)
         return report
-    backend.put(PRUNE_LOCK, _lock_doc(sorted(doomed | repack)), overwrite=True)
+    lock.publish(sorted(doomed | repack))
     deadline = time.monotonic() + wait
     while True:
         sessions = repo.live_sessions()
@@ -302,9 +368,10 @@ def _prune_locked(repo: Repository, report: PruneReport, wait: float, repack_bel
             report.waiting_on = [f"{s.get('host')} pid {s.get('pid')}" for s in sessions]
             return report
         time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
-        backend.put(PRUNE_LOCK, _lock_doc(sorted(doomed | repack)), overwrite=True)
-    # Writers that were running have finished: mark again, their commits count.
-    repo.index(reload=True)
+        lock.publish(sorted(doomed | repack))
+    # Writers that were running have finished: read the index again (their fragments name
+    # packs listed above) and mark again, their commits count.
+    fragments, by_pack = _fresh_index(repo)
     _snaps, live = _mark(repo)
     doomed2, repack2 = plan(live)
     doomed &= doomed2
@@ -323,15 +390,20 @@ def _prune_locked(repo: Repository, report: PruneReport, wait: float, repack_bel
         new_entries = session_like.finish()
         report.packs_repacked = len(repack)
         doomed |= repack
+    lock.check()  # nothing is deleted by a prune that lost its lock
     # One replacement fragment: the surviving entries of every fragment we touch.
     touched = {fid for fid, frag in fragments.items() if any(e[0] in doomed for e in frag.values())}
-    survivors: dict[str, tuple[int, list[fmt.PackEntry]]] = dict(new_entries)
+    kept: dict[str, list[fmt.PackEntry]] = defaultdict(list)
     for fid in touched:
         for bid, (pid, codec, off, length, raw) in fragments[fid].items():
-            if pid in doomed:
-                continue
-            size = packs[pid].size if pid in packs else off + length
-            survivors.setdefault(pid, (size, []))[1].append(fmt.PackEntry(bid, codec, off, length, raw))
+            if pid not in doomed:
+                kept[pid].append(fmt.PackEntry(bid, codec, off, length, raw))
+    survivors: dict[str, tuple[int, list[fmt.PackEntry]]] = dict(new_entries)
+    for pid, entries in kept.items():
+        # A pack uploaded after we listed packs (a writer we waited for) has no listed
+        # size: its entries' extent is a size the fragment parser accepts.
+        size = packs[pid].size if pid in packs else max(e.offset + e.length for e in entries)
+        survivors[pid] = (size, entries)
     if survivors:
         data = fmt.build_index(survivors, secrets.token_hex(8))
         backend.put(f"index/{fmt.hexdigest(data)}", data, overwrite=False)

@@ -148,10 +148,14 @@ class Repository:
                     )
                 raise VaultNotFound(f"no vault at {backend.url}", "take a snapshot to create it, or check --vault")
             if not backend.is_empty():
-                raise NotAVault(
-                    f"{backend.url} is not a liferaft vault (it has files but no {CONFIG})",
-                    "point --vault at an empty or new folder, or at an existing vault",
-                )
+                try:
+                    raw = backend.get(CONFIG)  # another process may have created it just now
+                except ObjectNotFound:
+                    raise NotAVault(
+                        f"{backend.url} is not a liferaft vault (it has files but no {CONFIG})",
+                        "point --vault at an empty or new folder, or at an existing vault",
+                    ) from None
+                return cls(backend, cls._parse_config(raw, backend.url))
             return cls._create(backend)
         config = cls._parse_config(raw, backend.url)
         return cls(backend, config)
@@ -390,11 +394,13 @@ class Repository:
             if not obj.name.startswith("locks/session-"):
                 continue
             doc = self._read_lock(obj.name)
-            if self._lock_live(doc):
-                assert doc is not None
+            # Live by the writer's clock or by the store's: a writer whose clock is behind
+            # (or whose lock cannot be read right now) is still a writer.
+            if self._lock_live(doc) or time.time() - obj.mtime < STALE_AFTER:
+                doc = dict(doc or {})
                 doc["name"] = obj.name
                 out.append(doc)
-            elif time.time() - obj.mtime > STALE_AFTER:
+            else:
                 try:
                     self.backend.delete(obj.name)  # a dead writer's session
                 except BackendError:
@@ -494,6 +500,7 @@ class WriteSession:
         self.added_bytes = 0
         self.added_blobs = 0
         self.stored_bytes = 0
+        self._expired = False
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._refresh, name="liferaft-session", daemon=True)
         self._heartbeat.start()
@@ -516,8 +523,13 @@ class WriteSession:
     def _refresh(self) -> None:
         while not self._stop.wait(SESSION_REFRESH):
             try:
+                if self._expired or not self.backend.exists(self.lock_name):
+                    # A prune took this writer for dead (it stalled past STALE_AFTER) and may
+                    # have deleted what it deduplicated against: never bring the lock back.
+                    self._expired = True
+                    return
                 self._write_lock()
-            except LiferaftError:
+            except (LiferaftError, BackendError):
                 pass
 
     # -- blobs
@@ -617,7 +629,7 @@ class WriteSession:
     def commit(self, manifest: dict[str, Any]) -> str:
         """Flush, check our session is still registered, then write the manifest."""
         self.flush()
-        if not self.backend.exists(self.lock_name):
+        if self._expired or not self.backend.exists(self.lock_name):
             raise LockedError(
                 "this writer's session expired (a prune took it for dead) before the commit",
                 "take the snapshot again",

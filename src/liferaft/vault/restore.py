@@ -288,12 +288,16 @@ def _fill(
             if buf is None or len(buf) < end - start:
                 buf = local.buf = bytearray(max(SEGMENT + (4 << 20), end - start))
             data = memoryview(buf)[: end - start]
+            moved: dict[bytes, bytes] | None = None
             try:
                 repo.read_pack_into(pack_id, start, data)
             except ObjectNotFound:
-                raise VaultCorrupt(f"pack {pack_id[:12]} is missing from the vault") from None
+                # A prune (here or in another process) repacked these blobs since our index
+                # was read: read_blob reloads the index and reads them where they are now,
+                # raising VaultCorrupt only if they are really gone.
+                moved = {item[4]: repo.read_blob(item[4]) for item in seg}
             for off, length, codec, raw, bid in seg:
-                plain = fmt.unpack_blob(bid, codec, data[off - start : off - start + length], raw)
+                plain = moved[bid] if moved is not None else fmt.unpack_blob(bid, codec, data[off - start : off - start + length], raw)
                 for i, file_off in targets[bid]:
                     # Temp names are random and fresh: created by the first blob to arrive.
                     fd = os.open(temps[i], _CREATE, 0o600)
