@@ -226,6 +226,10 @@ def take_snapshot(
     if isinstance(root_dir, Path):
         skip.add(str(root_dir))  # never snapshot the vault into itself
     walk = WalkResult()
+    # "Racily clean" (git's term): a file changed within a second of this scan could be
+    # rewritten again with the same size and time stamp; it is not cached, so the next
+    # snapshot reads it again instead of trusting its stat.
+    racy_after = time.time_ns() - 1_000_000_000
     root_docs = []
     for root, name in zip(roots, names, strict=False):
         kind = _walk(root, name, walk, skip, include_secrets)
@@ -279,7 +283,8 @@ def take_snapshot(
                     continue
             entry.blobs = blobs
             entries.append(entry)
-            new_cache[root_name][rel or "."] = [*stat_key(item.st), blobs]
+            if max(item.st.st_mtime_ns, item.st.st_ctime_ns) < racy_after:
+                new_cache[root_name][rel or "."] = [*stat_key(item.st), blobs]
         progress.finish()
         tree = fmt.encode_tree(entries)
         tree_ids = []
