@@ -310,3 +310,18 @@ def test_racily_clean_file_is_read_again(local_vault: str, tmp_path: Path) -> No
     vault.snapshot([src], run="r")
     vault.restore(run="r", to=tmp_path / "back")
     assert (tmp_path / "back" / "d" / "ckpt").read_bytes() == b"B" * 1000
+
+
+def test_run_level_restore_and_forget_leave_checkpoints_alone(vault_url: str, tmp_path: Path) -> None:
+    vault = liferaft.Vault(vault_url)
+    work = make_tree(tmp_path / "w" / "runs", {"events": "e1"})
+    vault.snapshot([work], run="r", step=1)
+    ckpt = make_tree(tmp_path / "c" / "step-5", {"model.safetensors": "weights"})
+    vault.snapshot([ckpt], run="r", step=5, tags={"liferaft.kind": "checkpoint"})
+    result = vault.restore(run="r", to=tmp_path / "back")
+    assert result is not None and result.snapshot.step == 1  # not the newer checkpoint
+    (work / "events").write_text("e2")
+    vault.snapshot([work], run="r", step=2)
+    gone, _ = vault.forget(run="r", keep_last=1)
+    assert [s.step for s in gone] == [1]
+    assert sorted(s.step for s in vault.snapshots(run="r")) == [2, 5]

@@ -13,9 +13,11 @@ from ._version import __version__
 
 if TYPE_CHECKING:
     from .api import Vault
+    from .checkpoint import Checkpointer
     from .errors import LiferaftError
+    from .keep.session import Raft, attach
 
-__all__ = ["LiferaftError", "Vault", "__version__"]
+__all__ = ["Checkpointer", "LiferaftError", "Raft", "Vault", "__version__", "attach"]
 
 
 def __getattr__(name: str) -> Any:
@@ -24,6 +26,14 @@ def __getattr__(name: str) -> Any:
         from .api import Vault
 
         return Vault
+    if name == "Checkpointer":
+        from .checkpoint import Checkpointer
+
+        return Checkpointer
+    if name in ("attach", "Raft"):
+        from .keep import session
+
+        return getattr(session, name)
     if name == "LiferaftError":
         from .errors import LiferaftError
 

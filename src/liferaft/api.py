@@ -20,6 +20,14 @@ from .vault.snapshot import take_snapshot
 __all__ = ["PruneReport", "RestoreResult", "SnapshotInfo", "Vault", "VerifyReport"]
 
 
+CHECKPOINT_TAG = ("liferaft.kind", "checkpoint")
+
+
+def is_checkpoint(snap: SnapshotInfo) -> bool:
+    """Whether a snapshot is a Checkpointer's ``step-N`` (its retention is the Checkpointer's)."""
+    return snap.tags.get(CHECKPOINT_TAG[0]) == CHECKPOINT_TAG[1]
+
+
 class Vault:
     """A vault of snapshots, at a folder path or a URL.
 
@@ -73,11 +81,14 @@ class Vault:
         progress: Progress | None = None,
         include_secrets: bool = False,
         skip_unchanged: bool = False,
+        use_cache: bool = True,
     ) -> SnapshotInfo:
         """Snapshot files and folders and commit them atomically.
 
         With ``skip_unchanged``, nothing is committed when the tree equals the run's
-        newest snapshot: that snapshot is returned with ``unchanged=True``.
+        newest snapshot: that snapshot is returned with ``unchanged=True``. With
+        ``use_cache=False`` every file is read and no stat cache is kept (for folders
+        committed once, like a checkpoint's ``step-N/``).
 
         >>> vault.snapshot(["checkpoints", "runs"], run="mnist", step=500,
         ...                metrics={"val_loss": 0.31})          # doctest: +SKIP
@@ -95,11 +106,15 @@ class Vault:
             progress=progress,
             include_secrets=include_secrets,
             skip_unchanged=skip_unchanged,
+            use_cache=use_cache,
         )
 
-    def snapshots(self, run: str | None = None) -> list[SnapshotInfo]:
-        """Committed snapshots, oldest first (of one run when ``run`` is given)."""
-        repo = self._readable()
+    def snapshots(self, run: str | None = None, *, missing_ok: bool = False) -> list[SnapshotInfo]:
+        """Committed snapshots, oldest first (of one run when ``run`` is given).
+
+        ``missing_ok`` treats a vault nobody has written yet as empty.
+        """
+        repo = self._readable(missing_ok=missing_ok)
         if repo is None:
             return []
         snaps = repo.snapshots()
@@ -113,6 +128,7 @@ class Vault:
         to: str | os.PathLike[str] | None = None,
         targets: Mapping[str, str | os.PathLike[str]] | None = None,
         progress: Progress | None = None,
+        use_cache: bool = True,
     ) -> RestoreResult | None:
         """Restore a snapshot (by id) or the newest one of ``run`` that verifies.
 
@@ -120,6 +136,9 @@ class Vault:
         ``targets[NAME]`` (NAME is the saved path's last component, see
         ``SnapshotInfo.roots``). Returns None when there is nothing to restore (a first
         run). A snapshot that fails verification is reported and the one before it is used.
+        Checkpoints committed by a ``Checkpointer`` (tag ``liferaft.kind=checkpoint``) are
+        its own business: restore and forget by run skip them (restore one by id, or
+        through the Checkpointer).
 
         >>> vault.restore(run="mnist", to="/content/work")    # doctest: +SKIP
         """
@@ -129,13 +148,13 @@ class Vault:
                 raise SnapshotNotFound(f"no snapshot {snapshot!r}: the vault at {self.url} is empty")
             return None
         if snapshot is not None:
-            return restore_snapshot(repo, repo.find(snapshot), to=to, targets=targets, progress=progress)
+            return restore_snapshot(repo, repo.find(snapshot), to=to, targets=targets, progress=progress, update_cache=use_cache)
         run = run or default_run_name()
-        candidates = [s for s in repo.snapshots() if s.run == run]
+        candidates = [s for s in repo.snapshots() if s.run == run and not is_checkpoint(s)]
         fallbacks: list[str] = []
         for snap in reversed(candidates):
             try:
-                result = restore_snapshot(repo, snap, to=to, targets=targets, progress=progress)
+                result = restore_snapshot(repo, snap, to=to, targets=targets, progress=progress, update_cache=use_cache)
             except VaultCorrupt as err:
                 msg = f"snapshot {snap.short_id} (run {snap.run}, step {snap.step}) failed verification: {err}"
                 warnings.warn(msg + "; using the one before", stacklevel=2)
@@ -164,7 +183,7 @@ class Vault:
         no snapshot needs any more is deleted.
         """
         repo = self.repository()
-        snaps = repo.snapshots()
+        snaps = [s for s in repo.snapshots() if not is_checkpoint(s)]  # a Checkpointer keeps its own
         doomed = maintenance.select_forget(snaps, run, keep_last, healthy=lambda s: maintenance.quick_check(repo, s))
         repo.forget([s.id for s in doomed])
         report = maintenance.prune(repo) if prune else None

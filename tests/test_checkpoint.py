@@ -1,0 +1,399 @@
+"""Checkpointer: state formats, async save, restore from folder and vault, retention, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+
+import liferaft
+from liferaft.checkpoint import CheckpointSaveFailed, CheckpointWarning, ResumableSampler, capture_rng, restore_rng
+from liferaft.checkpoint.folder import MANIFEST
+from liferaft.checkpoint.state import PICKLE
+from liferaft.errors import LiferaftError
+
+np = pytest.importorskip("numpy")
+torch = pytest.importorskip("torch")
+
+
+def make_ck(tmp_path: Path, vault: str | bool | None = None, **kw):
+    kw.setdefault("run", "test")
+    return liferaft.Checkpointer(tmp_path / "checkpoints", vault=str(tmp_path / "vault") if vault is None else vault, **kw)
+
+
+def ck_steps(vault: liferaft.Vault, run: str = "test") -> list[int]:
+    return sorted(s.step for s in vault.snapshots(run=run) if s.tags.get("liferaft.kind") == "checkpoint")
+
+
+def local_steps(folder: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in folder.glob("step-*") if (p / MANIFEST).exists())
+
+
+def rich_state() -> dict:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    return {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "bf16": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3),
+        "bools": torch.tensor([True, False]),
+        "empty": torch.empty(0, 3),
+        "scalar": torch.tensor(7.5),
+        "strided": torch.arange(12.0).reshape(3, 4).t(),
+        "array": np.arange(10, dtype=np.int16).reshape(2, 5),
+        "big_endian": np.arange(3, dtype=">f8"),
+        "np_scalar": np.float32(2.5),
+        "plain": [1, 2.5, "x", None, True, float("nan"), (3, (4, 5))],
+        7: "int key",
+        "other": {1, 2, 3},  # no array, no JSON: the pickled fallback
+    }
+
+
+def assert_same(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a.contiguous(), b)
+    elif isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and a.shape == b.shape and a.dtype.name == b.dtype.name
+        assert np.array_equal(a, b)
+    elif isinstance(a, dict):
+        assert type(a) is type(b) and list(a) == list(b)
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b)
+    else:
+        assert type(a) is type(b) and a == b
+
+
+def test_first_run_restores_nothing(tmp_path: Path) -> None:
+    ck = make_ck(tmp_path)
+    assert ck.restore() is None
+    assert ck.restore_path() is None
+    assert ck.checkpoints() == []
+    with pytest.raises(LiferaftError, match="no checkpoint step 5"):
+        ck.restore(5)
+    with pytest.raises(LiferaftError, match="monitor"):
+        ck.restore(best=True)
+
+
+def test_round_trip_every_kind_of_value_local_and_from_vault(tmp_path: Path) -> None:
+    state = rich_state()
+    ck = make_ck(tmp_path)
+    ck.save(10, state, metrics={"loss": 0.5})
+    ck.wait()
+    r = ck.restore()
+    assert r is not None and r.step == 10 and r.source == "local" and r.metrics == {"loss": 0.5}
+    assert_same(state, r.state)
+    # torch's per-module versions survive (BatchNorm's loading depends on them)
+    assert r.state["model"]._metadata == state["model"]._metadata
+    # arrays are in a real safetensors file, readable without liferaft; only the set is pickled
+    import safetensors.torch
+
+    loaded = safetensors.torch.load_file(str(r.path / "tensors.safetensors"))
+    assert torch.equal(loaded["model/0.weight"], state["model"]["0.weight"])
+    manifest = json.loads((r.path / MANIFEST).read_text())
+    assert manifest["pickled"] == ["other"]
+    # a fresh machine: nothing local, everything from the vault
+    shutil.rmtree(tmp_path / "checkpoints")
+    r2 = make_ck(tmp_path).restore()
+    assert r2 is not None and r2.source == "vault" and r2.step == 10
+    assert_same(state, r2.state)
+    assert (tmp_path / "checkpoints" / "step-10" / MANIFEST).exists()  # put back locally
+
+
+def test_tensors_and_plain_values_need_no_pickle(tmp_path: Path) -> None:
+    ck = make_ck(tmp_path, vault=False, allow_pickle=False)
+    ck.save(1, {"w": torch.ones(3), "a": np.zeros(2), "lr": 0.1, "cfg": {"layers": [1, 2]}})
+    ck.wait()
+    assert sorted(os.listdir(tmp_path / "checkpoints" / "step-1")) == [MANIFEST, "tensors.safetensors"]
+    r = ck.restore()
+    assert r is not None and r.state["cfg"] == {"layers": [1, 2]}
+    # a checkpoint with a pickled part is refused when pickle is not allowed
+    ck2 = make_ck(tmp_path, vault=False)
+    ck2.save(3, {"s": {2}})
+    ck2.wait()
+    assert PICKLE in os.listdir(tmp_path / "checkpoints" / "step-3")
+    with pytest.raises(LiferaftError, match="allow_pickle"):
+        make_ck(tmp_path, vault=False, allow_pickle=False).restore()
+
+
+def test_save_copies_the_state_before_returning(tmp_path: Path) -> None:
+    ck = make_ck(tmp_path)
+    w = torch.zeros(1000)
+    a = np.zeros(10)
+    ck._vault_lock.acquire()  # hold the commit back: the save is surely still in flight
+    try:
+        ck.save(1, {"w": w, "a": a})
+        w += 1  # training goes on changing the tensors
+        a += 1
+        with pytest.raises(LiferaftError, match="still running"):
+            ck.wait(timeout=0.2)
+    finally:
+        ck._vault_lock.release()
+    ck.wait()
+    r = make_ck(tmp_path).restore()
+    assert r is not None and float(r.state["w"].sum()) == 0.0 and float(r.state["a"].sum()) == 0.0
+
+
+def test_one_save_in_flight_at_most(tmp_path: Path) -> None:
+    ck = make_ck(tmp_path)
+    ck._vault_lock.acquire()
+    second_done = threading.Event()
+    try:
+        ck.save(1, {"w": torch.zeros(10)})
+
+        def second() -> None:
+            ck.save(2, {"w": torch.ones(10)})
+            second_done.set()
+
+        t = threading.Thread(target=second)
+        t.start()
+        assert not second_done.wait(0.5), "a second save must wait while one is in flight"
+    finally:
+        ck._vault_lock.release()
+    t.join(30)
+    assert second_done.is_set()
+    ck.wait()
+    assert ck_steps(ck.vault) == [1, 2]
+
+
+def test_background_failure_raises_and_never_becomes_latest(tmp_path: Path) -> None:
+    ck = make_ck(tmp_path, keep_last=5)
+    ck.save(1, {"w": torch.full((4,), 1.0)})
+    ck.wait()
+    packs = tmp_path / "vault" / "packs"
+    packs.rename(tmp_path / "packs-aside")
+    packs.write_text("not a folder")  # every pack write now fails
+    try:
+        ck.save(2, {"w": torch.full((4,), 2.0)})
+        with pytest.raises(CheckpointSaveFailed, match="step-2"):
+            ck.wait()
+        assert not (tmp_path / "checkpoints" / "step-2").exists()
+        ck.save(3, {"w": torch.full((4,), 3.0)})
+        with pytest.raises(CheckpointSaveFailed, match="step-3"):
+            ck.save(4, {"w": torch.full((4,), 4.0)})  # the failure surfaces on the next save too
+    finally:
+        packs.unlink()
+        (tmp_path / "packs-aside").rename(packs)
+    r = make_ck(tmp_path).restore()
+    assert r is not None and r.step == 1
+    ck.save(5, {"w": torch.full((4,), 5.0)})
+    ck.wait()
+    assert ck_steps(ck.vault) == [1, 5]
+
+
+def test_unpicklable_state_is_refused_at_save(tmp_path: Path) -> None:
+    ck = make_ck(tmp_path)
+    with pytest.raises(LiferaftError, match="cannot be saved"):
+        ck.save(1, {"lock": threading.Lock()})
+    ck.wait()
+    assert ck.checkpoints() == []
+
+
+def test_bad_arguments_get_one_clear_line(tmp_path: Path) -> None:
+    with pytest.raises(LiferaftError, match="keep_best=1 needs a metric"):
+        make_ck(tmp_path, keep_best=1)
+    with pytest.raises(LiferaftError, match="mode="):
+        make_ck(tmp_path, monitor="loss", mode="lowest")
+    with pytest.raises(LiferaftError, match="keep_last=0"):
+        make_ck(tmp_path, keep_last=0)
+    ck = make_ck(tmp_path)
+    with pytest.raises(LiferaftError, match="step must"):
+        ck.save(-1, {})
+    with pytest.raises(LiferaftError, match="step must"):
+        ck.save(1.5, {})  # type: ignore[arg-type]
+    with pytest.raises(LiferaftError, match="not a number"):
+        ck.save(1, {}, metrics={"acc": "high"})
+
+
+def test_retention_keep_last_best_every_in_folder_and_vault(tmp_path: Path) -> None:
+    ck = make_ck(tmp_path, keep_last=2, keep_best=1, monitor="val_loss", mode="min", keep_every=4)
+    losses = {1: 0.9, 2: 0.2, 3: 0.8, 4: 0.7, 5: 0.6, 6: 0.5, 7: float("nan")}
+    for step, loss in losses.items():
+        ck.save(step, {"w": torch.full((8,), float(step))}, metrics={"val_loss": loss})
+    ck.wait()
+    # last 2: 6, 7; best: 2; every 4: 4
+    assert local_steps(tmp_path / "checkpoints") == [2, 4, 6, 7]
+    assert ck_steps(ck.vault) == [2, 4, 6, 7]
+    nan_snap = next(s for s in ck.vault.snapshots(run="test") if s.step == 7)
+    assert "val_loss" not in nan_snap.metrics  # the vault takes finite metrics only
+    best = ck.restore(best=True)
+    assert best is not None and best.step == 2 and best.metrics["val_loss"] == 0.2
+    assert math.isnan(ck.restore().metrics["val_loss"])
+
+
+def test_retention_never_deletes_the_checkpoint_resumed_from(tmp_path: Path) -> None:
+    ck = make_ck(tmp_path, keep_last=None)
+    for step in range(1, 6):
+        ck.save(step, {"w": torch.full((4,), float(step))})
+    ck.wait()
+    ck2 = make_ck(tmp_path, keep_last=1)
+    r = ck2.restore(2)
+    assert r is not None and r.step == 2
+    ck2.save(6, {"w": torch.full((4,), 6.0)})
+    ck2.save(7, {"w": torch.full((4,), 7.0)})
+    ck2.wait()
+    assert local_steps(tmp_path / "checkpoints") == [2, 7]
+    assert ck_steps(ck2.vault) == [2, 7]
+
+
+def test_prune_frees_the_data_of_forgotten_checkpoints(tmp_path: Path) -> None:
+    def vault_bytes() -> int:
+        return sum(p.stat().st_size for p in (tmp_path / "vault" / "packs").rglob("*") if p.is_file())
+
+    ck = make_ck(tmp_path, keep_last=1)
+    for step in range(1, 5):
+        ck.save(step, {"w": torch.rand(1 << 18)})  # 1 MiB each, incompressible
+        ck.wait()
+    assert vault_bytes() < 2.5 * (1 << 20)
+    r = make_ck(tmp_path).restore()
+    assert r is not None and r.step == 4
+
+
+def test_uncommitted_local_checkpoint_is_committed_by_the_next_process(tmp_path: Path) -> None:
+    # A process that died between writing step-3 and committing it leaves it local only.
+    ck = make_ck(tmp_path, keep_last=5)
+    ck.save(1, {"w": torch.ones(2)})
+    ck.wait()
+    local_only = make_ck(tmp_path, vault=False, keep_last=None)
+    local_only.save(3, {"w": torch.full((2,), 3.0)})
+    local_only.wait()
+    assert ck_steps(ck.vault) == [1]
+    ck2 = make_ck(tmp_path, keep_last=5)
+    r = ck2.restore()
+    assert r is not None and r.step == 3 and r.source == "local"
+    info = {c.step: c for c in ck2.checkpoints()}
+    assert info[3].committed is False and info[1].committed is True
+    ck2.save(4, {"w": torch.full((2,), 4.0)})
+    ck2.wait()
+    assert ck_steps(ck2.vault) == [1, 3, 4]
+    shutil.rmtree(tmp_path / "checkpoints")
+    r3 = make_ck(tmp_path).restore(3)
+    assert r3 is not None and r3.source == "vault" and float(r3.state["w"][0]) == 3.0
+
+
+def test_saving_a_step_again_replaces_it(tmp_path: Path) -> None:
+    ck = make_ck(tmp_path)
+    ck.save(5, {"w": torch.zeros(3)})
+    ck.save(5, {"w": torch.ones(3)})
+    ck.wait()
+    assert [s.step for s in ck.vault.snapshots(run="test")] == [5]  # the older copy is forgotten
+    shutil.rmtree(tmp_path / "checkpoints")
+    r = make_ck(tmp_path).restore()
+    assert r is not None and float(r.state["w"].sum()) == 3.0
+
+
+def test_save_folder_commits_a_framework_folder(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    ck = liferaft.Checkpointer(out, run="hf", vault=str(tmp_path / "vault"), prefix="checkpoint-")
+    for step in (10, 20):
+        folder = out / f"checkpoint-{step}"
+        (folder / "sub").mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(os.urandom(1000))
+        (folder / "sub" / "trainer_state.json").write_text(json.dumps({"step": step}))
+        ck.save_folder(step, folder, metrics={"eval_loss": 1.0 / step})
+    ck.wait()
+    # a folder the framework was still writing when it died has no manifest: never chosen
+    (out / "checkpoint-30").mkdir()
+    (out / "checkpoint-30" / "model.safetensors").write_bytes(b"half")
+    assert ck.restore_path() == out / "checkpoint-20"
+    r = ck.restore()
+    assert r is not None and r.state is None and r.step == 20
+    shutil.rmtree(out / "checkpoint-20")
+    shutil.rmtree(out / "checkpoint-10")
+    fresh = liferaft.Checkpointer(out, run="hf", vault=str(tmp_path / "vault"), prefix="checkpoint-")
+    path = fresh.restore_path()
+    assert path == out / "checkpoint-20"
+    assert json.loads((path / "sub" / "trainer_state.json").read_text()) == {"step": 20}
+    assert (out / "checkpoint-30").exists()  # not ours: left alone
+
+
+def test_resumable_sampler_continues_mid_epoch() -> None:
+    full = ResumableSampler(20, seed=3)
+    order = list(full) + list(full)  # two epochs
+    assert sorted(order[:20]) == list(range(20)) and order[:20] != order[20:]
+    s = ResumableSampler(20, seed=3)
+    it = iter(s)
+    first = [next(it) for _ in range(7)]
+    saved = s.state_dict()
+    resumed = ResumableSampler(20, seed=3)
+    resumed.load_state_dict(saved)
+    rest = list(resumed) + list(resumed)
+    assert first + rest == order
+    with pytest.raises(LiferaftError, match="seed"):
+        ResumableSampler(20, seed=4).load_state_dict(saved)
+
+
+def test_rng_round_trip_through_a_checkpoint(tmp_path: Path) -> None:
+    import random
+
+    ck = make_ck(tmp_path, vault=False)
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    ck.save(1, {"rng": capture_rng()})
+    ck.wait()
+    expect = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    restore_rng(ck.restore().state["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expect
+
+
+def test_importing_liferaft_imports_no_framework() -> None:
+    code = (
+        "import sys, liferaft, liferaft.checkpoint\n"
+        "liferaft.Checkpointer\n"
+        "heavy = [m for m in ('torch', 'numpy', 'keras', 'lightning', 'transformers', 'safetensors') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_damage_warning_names_the_checkpoint(tmp_path: Path) -> None:
+    ck = make_ck(tmp_path, vault=False)
+    ck.save(1, {"w": torch.ones(64)})
+    ck.save(2, {"w": torch.full((64,), 2.0)})
+    ck.wait()
+    path = tmp_path / "checkpoints" / "step-2" / "tensors.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = make_ck(tmp_path, vault=False).restore()
+    assert r is not None and r.step == 1
+    msgs = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
+    assert len(msgs) == 1 and "step-2" in msgs[0] and "does not match its hash" in msgs[0]
+    assert r.fallbacks and "step-2" in r.fallbacks[0]
+
+
+def test_ordered_dict_subclasses_and_odd_keys_use_the_fallback(tmp_path: Path) -> None:
+    from collections import defaultdict
+
+    state = {"dd": defaultdict(int, {"a": 1}), "tuple_key": {(1, 2): "x"}, "od": OrderedDict(b=1, a=2)}
+    ck = make_ck(tmp_path, vault=False)
+    ck.save(1, state)
+    ck.wait()
+    r = ck.restore()
+    assert r is not None
+    assert type(r.state["dd"]) is defaultdict and r.state["dd"]["a"] == 1
+    assert r.state["tuple_key"] == {(1, 2): "x"}
+    assert type(r.state["od"]) is OrderedDict and list(r.state["od"]) == ["b", "a"]
