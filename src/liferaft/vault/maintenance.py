@@ -342,13 +342,25 @@ def _prune_locked(repo: Repository, report: PruneReport, wait: float, repack_bel
     fragments, by_pack = _fresh_index(repo)
     _snaps, live = _mark(repo)
 
+    keeper: dict[bytes, str] = {}  # the one listed pack each live blob is kept in
+
     def plan(live: set[bytes]) -> tuple[set[str], set[str]]:
+        # A blob indexed in several packs (a prune killed after writing its replacement
+        # fragment but before deleting the old ones, or two writers storing one blob) is
+        # kept in one of them, the pack with the most live bytes; its other copies count
+        # as dead, so they are repacked away or deleted instead of kept forever.
+        gross = {pid: sum(e[3] for b, e in by_pack.get(pid, []) if b in live) for pid in packs}
+        keeper.clear()
+        for pid in sorted(packs, key=lambda p: (gross[p], p), reverse=True):
+            for b, _e in by_pack.get(pid, []):
+                if b in live:
+                    keeper.setdefault(b, pid)
         doomed, repack = set(), set()
         for pid in packs:
             entries = by_pack.get(pid, [])
-            used = sum(e[3] for b, e in entries if b in live)
+            used = sum(e[3] for b, e in entries if keeper.get(b) == pid)
             if used == 0:
-                doomed.add(pid)  # unreferenced, or an orphan of an interrupted writer
+                doomed.add(pid)  # unreferenced, an orphan of an interrupted writer, or only duplicates
             elif used < repack_below * packs[pid].size:
                 repack.add(pid)
         return doomed, repack
@@ -383,7 +395,7 @@ def _prune_locked(repo: Repository, report: PruneReport, wait: float, repack_bel
         session_like = _Repacker(repo)
         for pid in sorted(repack):
             for bid, (_p, codec, off, length, raw) in by_pack[pid]:
-                if bid in live and bid not in session_like.seen:
+                if keeper.get(bid) == pid and bid not in session_like.seen:
                     stored = repo.read_pack_range(pid, off, length)
                     fmt.unpack_blob(bid, codec, stored, raw)  # never copy damage forward
                     session_like.add(bid, codec, stored, raw)
