@@ -325,3 +325,54 @@ def test_run_level_restore_and_forget_leave_checkpoints_alone(vault_url: str, tm
     gone, _ = vault.forget(run="r", keep_last=1)
     assert [s.step for s in gone] == [1]
     assert sorted(s.step for s in vault.snapshots(run="r")) == [2, 5]
+
+
+def test_file_replaced_between_walk_and_read_is_taken_in_its_new_version(
+    local_vault: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from liferaft.vault import snapshot as snapshot_module
+
+    src = make_tree(tmp_path / "d", {"ckpt.pt": b"old" * 1000})
+    real_walk = snapshot_module._walk
+
+    def walk_then_replace(*args, **kwargs):  # the checkpoint is saved (temp + rename) right after the walk
+        kind = real_walk(*args, **kwargs)
+        (src / "ckpt.tmp").write_bytes(b"new!" * 2000)
+        os.replace(src / "ckpt.tmp", src / "ckpt.pt")
+        return kind
+
+    monkeypatch.setattr(snapshot_module, "_walk", walk_then_replace)
+    vault = liferaft.Vault(local_vault)
+    snap = vault.snapshot([src], run="r")
+    assert snap.stats["changed_during_read"] == []
+    entry = next(e for e in vault.tree(snap) if e.path == "d/ckpt.pt")
+    assert entry.size == 8000
+    vault.restore(snap.id, to=tmp_path / "back")
+    assert (tmp_path / "back" / "d" / "ckpt.pt").read_bytes() == b"new!" * 2000
+
+
+def test_restore_only_some_paths(vault_url: str, tmp_path: Path) -> None:
+    a = make_tree(tmp_path / "w" / "checkpoints", {"c": "1"})
+    b = make_tree(tmp_path / "w" / "runs", {"r": "2"})
+    vault = liferaft.Vault(vault_url)
+    vault.snapshot([a, b], run="r")
+    vault.restore(run="r", to=tmp_path / "back", only=["runs"])
+    assert sorted(os.listdir(tmp_path / "back")) == ["runs"]
+    with pytest.raises(LiferaftError, match="no path named 'nope'"):
+        vault.restore(run="r", to=tmp_path / "x", only=["nope"])
+
+
+def test_idle_pass_writes_nothing(local_vault: str, tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "d", {"a": os.urandom(2 << 20), "b": "x"})
+    time.sleep(1.1)
+    vault = liferaft.Vault(local_vault)
+    first = vault.snapshot([src], run="r")
+    before = sorted(p.relative_to(local_vault) for p in Path(local_vault).rglob("*"))
+    mtimes = {p: p.stat().st_mtime_ns for p in Path(local_vault).rglob("*")}
+    same = vault.snapshot([src], run="r", skip_unchanged=True)
+    assert same.unchanged and same.id == first.id
+    assert sorted(p.relative_to(local_vault) for p in Path(local_vault).rglob("*")) == before
+    assert {p: p.stat().st_mtime_ns for p in Path(local_vault).rglob("*")} == mtimes  # no lock written either
+    (src / "b").write_text("y")
+    changed = vault.snapshot([src], run="r", skip_unchanged=True)
+    assert not changed.unchanged and changed.id != first.id

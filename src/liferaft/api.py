@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from .backends import open_backend
@@ -12,12 +12,13 @@ from .config import VaultChoice, default_run_name, resolve_vault
 from .errors import SnapshotNotFound, VaultCorrupt, VaultNotFound
 from .progress import Progress
 from .vault import maintenance
+from .vault.format import Entry
 from .vault.maintenance import PruneReport, VerifyReport
 from .vault.repository import Repository, SnapshotInfo
 from .vault.restore import RestoreResult, restore_snapshot
 from .vault.snapshot import take_snapshot
 
-__all__ = ["PruneReport", "RestoreResult", "SnapshotInfo", "Vault", "VerifyReport"]
+__all__ = ["Entry", "PruneReport", "RestoreResult", "SnapshotInfo", "Vault", "VerifyReport"]
 
 
 CHECKPOINT_TAG = ("liferaft.kind", "checkpoint")
@@ -127,6 +128,7 @@ class Vault:
         run: str | None = None,
         to: str | os.PathLike[str] | None = None,
         targets: Mapping[str, str | os.PathLike[str]] | None = None,
+        only: Collection[str] | None = None,
         progress: Progress | None = None,
         use_cache: bool = True,
     ) -> RestoreResult | None:
@@ -134,7 +136,7 @@ class Vault:
 
         Each saved path goes back where it was, or to ``to/NAME``, or to
         ``targets[NAME]`` (NAME is the saved path's last component, see
-        ``SnapshotInfo.roots``). Returns None when there is nothing to restore (a first
+        ``SnapshotInfo.roots``); ``only`` restores just the named ones. Returns None when there is nothing to restore (a first
         run). A snapshot that fails verification is reported and the one before it is used.
         Checkpoints committed by a ``Checkpointer`` (tag ``liferaft.kind=checkpoint``) are
         its own business: restore and forget by run skip them (restore one by id, or
@@ -148,13 +150,13 @@ class Vault:
                 raise SnapshotNotFound(f"no snapshot {snapshot!r}: the vault at {self.url} is empty")
             return None
         if snapshot is not None:
-            return restore_snapshot(repo, repo.find(snapshot), to=to, targets=targets, progress=progress, update_cache=use_cache)
+            return restore_snapshot(repo, repo.find(snapshot), to=to, targets=targets, only=only, progress=progress, update_cache=use_cache)
         run = run or default_run_name()
         candidates = [s for s in repo.snapshots() if s.run == run and not is_checkpoint(s)]
         fallbacks: list[str] = []
         for snap in reversed(candidates):
             try:
-                result = restore_snapshot(repo, snap, to=to, targets=targets, progress=progress, update_cache=use_cache)
+                result = restore_snapshot(repo, snap, to=to, targets=targets, only=only, progress=progress, update_cache=use_cache)
             except VaultCorrupt as err:
                 msg = f"snapshot {snap.short_id} (run {snap.run}, step {snap.step}) failed verification: {err}"
                 warnings.warn(msg + "; using the one before", stacklevel=2)
@@ -168,6 +170,15 @@ class Vault:
                 "run `liferaft verify --read-data` to see the damage",
             )
         return None
+
+    def tree(self, snapshot: str | SnapshotInfo) -> list[Entry]:
+        """The files, folders and links a snapshot holds (verified as read).
+
+        >>> [e.path for e in vault.tree(vault.snapshots()[-1]) if e.type == "f"]  # doctest: +SKIP
+        """
+        repo = self.repository()
+        snap = snapshot if isinstance(snapshot, SnapshotInfo) else repo.find(snapshot)
+        return repo.read_tree(snap)
 
     def verify(self, *, read_data: bool = False) -> VerifyReport:
         """Check the vault; ``read_data`` also reads and hashes every stored byte."""

@@ -83,7 +83,14 @@ def main(ctx: click.Context, vault_url: str | None, quiet: bool, as_json: bool) 
     obj.json = as_json
 
 
+def _shown(value: object) -> str:
+    """Text from a vault, safe for a terminal: control characters escaped, never interpreted."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(value))
+
+
 def _size(n: float) -> str:
+    if isinstance(n, bool) or not isinstance(n, (int, float)):
+        return "?"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -164,13 +171,14 @@ def snapshots(ctx: Ctx, run: str | None) -> None:
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(box=None, pad_edge=False)
     for col in ("id", "run", "step", "time", "host", "files", "size", "metrics / tags"):
         table.add_column(col, justify="right" if col in ("step", "files", "size") else "left")
     for s in snaps:
         extra = " ".join([f"{k}={v:g}" for k, v in s.metrics.items()] + [f"{k}={v}" for k, v in s.tags.items()])
-        table.add_row(
+        cells = [
             s.short_id,
             s.run,
             "" if s.step is None else str(s.step),
@@ -179,7 +187,8 @@ def snapshots(ctx: Ctx, run: str | None) -> None:
             str(s.stats.get("files", "")),
             _size(s.stats.get("bytes", 0)),
             extra,
-        )
+        ]
+        table.add_row(*(Text(_shown(c)) for c in cells))  # Text: no rich markup from the vault
     if not ctx.quiet:
         Console().print(table)
 
@@ -217,7 +226,7 @@ def restore(ctx: Ctx, snapshot_id: str | None, run: str | None, to: str | None) 
         click.echo(f"warning: {msg}; used the one before", err=True)
     if result.skipped_links:
         click.echo(
-            f"warning: {len(result.skipped_links)} link(s) pointing outside the snapshot were not created, e.g. {result.skipped_links[0]}",
+            f"warning: {len(result.skipped_links)} link(s) pointing outside the snapshot were not created, e.g. {_shown(result.skipped_links[0])}",
             err=True,
         )
     if ctx.json:
@@ -320,10 +329,15 @@ def info(ctx: Ctx) -> None:
 @main.command()
 @common()
 def demo(ctx: Ctx) -> None:
-    """Show a snapshot surviving a machine reset, on the default vault."""
+    """Watch a training run survive a machine reset (about 15 s), on the default vault."""
     from .demo import run_demo
 
     run_demo(ctx.vault_url, say=ctx.say)
+
+
+from .keep.cli_run import run_command  # noqa: E402 - registered last, defined in its own module
+
+main.add_command(run_command)
 
 
 def run() -> None:
@@ -338,7 +352,7 @@ def run() -> None:
         err.show()
         sys.exit(err.exit_code)
     except LiferaftError as err:
-        click.echo(f"liferaft: error: {err}", err=True)
+        click.echo(f"liferaft: error: {_shown(err)}", err=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

@@ -93,7 +93,12 @@ def detect(environ: Mapping[str, str] | None = None, root: str | os.PathLike[str
     base = Path(root)
     own = environ is None
     started = _container_started() if own else None
-    if env.get("COLAB_RELEASE_TAG") or env.get("COLAB_GPU") is not None or env.get("COLAB_BACKEND_VERSION") or (own and "google.colab" in sys.modules):
+    if (
+        env.get("COLAB_RELEASE_TAG")
+        or env.get("COLAB_GPU") is not None
+        or env.get("COLAB_BACKEND_VERSION")
+        or (own and "google.colab" in sys.modules)
+    ):
         return Platform(
             "colab",
             "Google Colab",

@@ -83,6 +83,40 @@ def resolve_keeps(keeps: Sequence[str | os.PathLike[str]], cwd: Path | None = No
     return [KeptPath(a, p, n, here == p or here in p.parents) for a, p, n in zip(args, paths, names, strict=False)]
 
 
+def check_vault_outside(keeps: Sequence[KeptPath], vault: Vault) -> None:
+    """Refuse a kept path that holds a local vault (or lies inside it)."""
+    root = getattr(vault.backend, "root", None)
+    if not isinstance(root, Path):
+        return
+    for k in keeps:
+        if k.path == root or k.path in root.parents or root in k.path.parents:
+            raise LiferaftError(f"--keep {k.arg} and the vault {root} overlap", "keep the vault outside the kept paths")
+
+
+def check_run_name(run: str) -> str:
+    """Refuse a run name the vault would refuse, before any work starts."""
+    from ..vault.format import RUN_MAX
+
+    if not run or len(run) > RUN_MAX or "\x00" in run:
+        raise LiferaftError(f"bad run name {run[:40]!r}", f"use 1 to {RUN_MAX} characters, e.g. --run mnist")
+    return run
+
+
+def keep_from_config() -> list[str]:
+    """``keep = [...]`` from ``liferaft.toml`` (in the working folder or a parent), if any."""
+    from ..config import project_settings
+
+    path, settings = project_settings()
+    keep = settings.get("keep")
+    if keep is None:
+        return []
+    if isinstance(keep, str):
+        keep = [keep]
+    if not isinstance(keep, list) or not all(isinstance(k, str) and k for k in keep):
+        raise LiferaftError(f"{path}: 'keep' must be a list of paths", 'write keep = ["checkpoints", "runs"]')
+    return list(keep)
+
+
 # ------------------------------------------------------------------ comparing with a snapshot
 
 

@@ -10,10 +10,8 @@ from types import FrameType
 from typing import Any
 
 #: Preemption (SIGTERM), Ctrl-C (SIGINT), a closed terminal (SIGHUP), and SIGUSR1, which
-#: some schedulers (Slurm, Kubernetes preStop hooks) send as an early warning.
-STOP_SIGNALS: tuple[int, ...] = tuple(
-    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1") if hasattr(signal, name)
-)
+#: Slurm sends before a job's time limit when asked (`--signal=USR1@120`).
+STOP_SIGNALS: tuple[int, ...] = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1") if hasattr(signal, name))
 
 
 def signal_name(signum: int) -> str:
@@ -34,18 +32,17 @@ def exit_status(returncode: int) -> int:
 
 
 def signal_group(pgid: int, signum: int) -> bool:
-    """Send ``signum`` to a process group; False when the group no longer exists."""
+    """Send ``signum`` to a process group (or to its leader, before the group exists).
+
+    False when neither exists any more.
+    """
     try:
         os.killpg(pgid, signum)
         return True
     except (ProcessLookupError, PermissionError):
-        return False
-
-
-def group_alive(pgid: int) -> bool:
-    """Whether any process of the group is still there (zombies count until reaped)."""
+        pass
     try:
-        os.killpg(pgid, 0)
+        os.kill(pgid, signum)
         return True
     except (ProcessLookupError, PermissionError):
         return False

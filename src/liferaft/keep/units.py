@@ -78,3 +78,8 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def plural(n: int, word: str) -> str:
+    """``plural(1, "file")`` → ``'1 file'``, ``plural(3, "file")`` → ``'3 files'``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"

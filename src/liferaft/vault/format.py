@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,14 +45,12 @@ def hexdigest(data: bytes | bytearray | memoryview) -> str:
     return blake3.blake3(data).hexdigest()
 
 
+_HEX = re.compile(r"[0-9a-f]*")
+
+
 def is_hex_id(value: Any, length: int = 64) -> bool:
-    if not isinstance(value, str) or len(value) != length:
-        return False
-    try:
-        int(value, 16)
-    except ValueError:
-        return False
-    return value == value.lower()
+    # Not int(value, 16): it also takes "0x", signs, spaces, "_" and non-ASCII digits.
+    return isinstance(value, str) and len(value) == length and _HEX.fullmatch(value) is not None
 
 
 # ---------------------------------------------------------------- compression
@@ -83,13 +82,48 @@ def compress(data: bytes | memoryview, level: int = 3) -> bytes:
     return _cctx(level).compress(data)
 
 
+def _declared_size(data: bytes | memoryview, what: str) -> int:
+    """The content size a zstd frame header declares (-1: it does not say)."""
+    try:
+        return zstandard.frame_content_size(data)
+    except zstandard.ZstdError as err:
+        raise VaultCorrupt(f"{what} does not decode: {err}") from None
+
+
+def _stream_decompress(data: bytes | memoryview, limit: int, what: str) -> bytes:
+    """Decode one frame that does not declare its size, allocating only what it yields
+    (zstandard's one-shot decompress would allocate all of max_output_size first)."""
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        with _dctx().stream_reader(data, read_across_frames=False) as reader:
+            while True:
+                chunk = reader.read(min(1 << 20, limit + 1 - total))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+                if total > limit:
+                    raise VaultCorrupt(f"{what} decodes to more than {limit} bytes")
+    except zstandard.ZstdError as err:
+        raise VaultCorrupt(f"{what} does not decode: {err}") from None
+    return b"".join(chunks)
+
+
 def decompress(data: bytes | memoryview, raw_length: int) -> bytes:
     if raw_length > MAX_BLOB * 4:
         raise VaultCorrupt(f"blob claims {raw_length} bytes, more than any liferaft writes")
-    try:
-        out = _dctx().decompress(data, max_output_size=raw_length)
-    except zstandard.ZstdError as err:
-        raise VaultCorrupt(f"compressed blob does not decode: {err}") from None
+    # zstandard allocates what a frame header declares before decoding a byte: check it first.
+    declared = _declared_size(data, "compressed blob")
+    if declared == -1:
+        out = _stream_decompress(data, raw_length, "compressed blob")
+    elif declared != raw_length:
+        raise VaultCorrupt(f"blob declares {declared} bytes, expected {raw_length}")
+    else:
+        try:
+            out = _dctx().decompress(data, max_output_size=raw_length)
+        except zstandard.ZstdError as err:
+            raise VaultCorrupt(f"compressed blob does not decode: {err}") from None
     if len(out) != raw_length:
         raise VaultCorrupt(f"blob decodes to {len(out)} bytes, expected {raw_length}")
     return out
@@ -191,14 +225,21 @@ def decode_doc(data: bytes, what: str) -> Any:
     if len(data) > MAX_JSON:
         raise VaultCorrupt(f"{what} is implausibly large ({len(data)} bytes)")
     if data[:4] == ZSTD_MAGIC:
-        try:
-            data = zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_JSON)
-        except zstandard.ZstdError as err:
-            raise VaultCorrupt(f"{what} does not decompress: {err}") from None
+        declared = _declared_size(data, what)
+        if declared > MAX_JSON:
+            raise VaultCorrupt(f"{what} claims {declared} bytes, more than any liferaft writes")
+        data = _stream_decompress(data, MAX_JSON, what)
     try:
         return json.loads(data, parse_constant=_reject_constant)
     except (ValueError, RecursionError, UnicodeDecodeError) as err:
         raise VaultCorrupt(f"{what} is not valid JSON: {err}") from None
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)  # an int beyond a float's range raises OverflowError here
+    except OverflowError:
+        return False
 
 
 def _reject_constant(name: str) -> Any:
@@ -321,7 +362,7 @@ def parse_tree(data: bytes) -> list[Entry]:
         raise VaultCorrupt("tree is not UTF-8") from None
     entries: list[Entry] = []
     kinds: dict[str, str] = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): names may hold U+2028
         if not line:
             continue
         try:
@@ -362,14 +403,18 @@ def link_escapes(path: str, target: str) -> bool:
     if target.startswith("/") or "\\" in target or (len(target) > 1 and target[1] == ":"):
         return True
     depth = len(path.split("/")) - 1  # folders above the link, inside the tree
+    named = False
     for part in target.split("/"):
         if part in ("", "."):
             continue
         if part == "..":
+            if named:  # "x/..": x may itself be a link, so this ".." can land anywhere
+                return True
             depth -= 1
             if depth < 0:
                 return True
         else:
+            named = True
             depth += 1
     return False
 
@@ -400,7 +445,7 @@ def parse_manifest(data: bytes, snapshot_id: str | None = None) -> dict[str, Any
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise VaultCorrupt(f"snapshot {key} must be an object")
     for k, v in doc.get("metrics", {}).items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
             raise VaultCorrupt(f"metric {k!r:.40} is not a finite number")
     roots = doc.get("roots")
     if not isinstance(roots, list):

@@ -334,7 +334,9 @@ def _fresh_index(repo: Repository) -> tuple[dict[str, dict[bytes, fmt.IndexEntry
     return fragments, by_pack
 
 
-def _prune_locked(repo: Repository, report: PruneReport, wait: float, repack_below: float, temp_age: float, lock: _PruneLock) -> PruneReport:
+def _prune_locked(
+    repo: Repository, report: PruneReport, wait: float, repack_below: float, temp_age: float, lock: _PruneLock
+) -> PruneReport:
     backend = repo.backend
     packs = {o.name.rsplit("/", 1)[-1]: o for o in repo._list("packs/")}
     # Read the index after listing packs, never from a cache: a pack listed above whose

@@ -20,6 +20,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyfastcdc
+
 from .. import __version__
 from ..backends import Backend, BackendError, NoSpace, ObjectExists, ObjectNotFound
 from ..errors import (
@@ -164,7 +166,7 @@ class Repository:
     def _parse_config(raw: bytes, url: str) -> dict[str, Any]:
         try:
             config = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise VaultCorrupt(f"{url}/{CONFIG} is not valid JSON", "restore it from a copy, or start a new vault") from None
         if not isinstance(config, dict) or not isinstance(config.get("format"), int):
             raise VaultCorrupt(f"{url}/{CONFIG} has no format version", "restore it from a copy, or start a new vault")
@@ -175,10 +177,17 @@ class Repository:
             )
         try:
             c = config["chunker"]
-            ChunkerParams(int(c["min"]), int(c["avg"]), int(c["max"]), int(c["seed"]), int(c["small_file"]))
+            values = [c[k] for k in ("min", "avg", "max", "seed", "small_file")]
+            pack_size = config.get("pack_size", PACK_TARGET)
+            if not all(type(v) is int for v in [*values, pack_size]):
+                raise TypeError("not integers")
+            # What snapshot.py builds from them: pyfastcdc raises ValueError/OverflowError.
+            pyfastcdc.FastCDC(c["avg"], min_size=c["min"], max_size=c["max"], seed=c["seed"])
+            if not 0 <= c["small_file"] <= fmt.MAX_BLOB or not 0 < pack_size <= 1 << 32:
+                raise ValueError("out of range")
             str(config["id"])
-        except (KeyError, TypeError, ValueError):
-            raise VaultCorrupt(f"{url}/{CONFIG} lacks chunker parameters", "restore it from a copy") from None
+        except (KeyError, TypeError, ValueError, OverflowError):
+            raise VaultCorrupt(f"{url}/{CONFIG} has missing or unusable chunker parameters", "restore it from a copy") from None
         return config
 
     @classmethod

@@ -15,7 +15,7 @@ import secrets
 import stat
 import threading
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,15 +61,21 @@ def destinations(
     snap: SnapshotInfo,
     to: str | os.PathLike[str] | None,
     targets: Mapping[str, str | os.PathLike[str]] | None = None,
+    only: Collection[str] | None = None,
 ) -> dict[str, Path]:
-    """Where each saved root goes: ``targets[name]``, else ``to/name``, else where it came from."""
+    """Where each saved root goes: ``targets[name]``, else ``to/name``, else where it came from.
+
+    With ``only``, just those roots are restored.
+    """
     out = {}
     known = {root["name"] for root in snap.roots}
-    for name in targets or {}:
+    for name in [*(targets or {}), *(only or ())]:
         if name not in known:
             raise RestoreRefused(f"snapshot {snap.short_id} has no path named {name!r}", f"it has: {', '.join(sorted(known))}")
     for root in snap.roots:
         name = root["name"]
+        if only is not None and name not in only:
+            continue
         if targets and name in targets:
             out[name] = Path(os.path.abspath(targets[name]))
         elif to is not None:
@@ -92,6 +98,15 @@ class _Tree:
 
     def __init__(self) -> None:
         self.made: set[Path] = set()
+        self.created: list[Path] = []  # folders this restore made, parents first
+
+    def remove_created(self) -> None:
+        """Take back the folders of a restore that failed before showing anything."""
+        for path in reversed(self.created):
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
 
     def ensure_root(self, root: Path) -> None:
         if root in self.made:
@@ -101,7 +116,12 @@ class _Tree:
             if not stat.S_ISDIR(st.st_mode):
                 raise RestoreRefused(f"{root} is a file where a folder is to be restored", "move it away or restore with --to DIR")
         except FileNotFoundError:
+            missing, p = [], root
+            while not os.path.lexists(p):
+                missing.append(p)
+                p = p.parent
             os.makedirs(root, exist_ok=True)
+            self.created += reversed(missing)
         self.made.add(root)
 
     def ensure(self, root: Path, rel_parts: list[str]) -> Path:
@@ -115,6 +135,7 @@ class _Tree:
                 st = os.lstat(path)
             except FileNotFoundError:
                 os.mkdir(path, 0o755)
+                self.created.append(path)
             else:
                 if not stat.S_ISDIR(st.st_mode):
                     raise RestoreRefused(
@@ -136,6 +157,7 @@ def restore_snapshot(
     *,
     to: str | os.PathLike[str] | None = None,
     targets: Mapping[str, str | os.PathLike[str]] | None = None,
+    only: Collection[str] | None = None,
     progress: Progress | None = None,
     workers: int = 4,
     update_cache: bool = True,
@@ -145,8 +167,10 @@ def restore_snapshot(
     ``targets`` maps a saved path's name to its own destination, overriding both.
     """
     progress = progress or Progress()
-    dests = destinations(snap, to, targets)
+    dests = destinations(snap, to, targets, only)
     entries = repo.read_tree(snap)
+    if only is not None:
+        entries = [e for e in entries if e.path.split("/")[0] in dests]
     result = RestoreResult(snap, dests)
     root_kinds = {r["name"]: r["type"] for r in snap.roots}
     for e in entries:
@@ -170,6 +194,7 @@ def restore_snapshot(
     tree = _Tree()
     temps: dict[int, str] = {}
     finals: dict[int, str] = {}
+    shown = False
     try:
         # Folders first; every file's place is checked before any byte is read.
         for e in entries:
@@ -199,6 +224,7 @@ def restore_snapshot(
                 _finish_file(os.open(temps[i], _CREATE, 0o600), f)
         _fill(repo, files, temps, index, progress, workers)
         # Everything verified: now make it visible.
+        shown = True
         for i, f in enumerate(files):
             os.replace(temps.pop(i), finals[i])
             result.files += 1
@@ -241,6 +267,8 @@ def restore_snapshot(
                 os.unlink(tmp)
             except OSError:
                 pass
+        if not shown:
+            tree.remove_created()
     if update_cache:
         _record_cache(repo, dests, files)
     return result

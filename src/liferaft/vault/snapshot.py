@@ -152,11 +152,16 @@ class _Reader:
         self.cdc = pyfastcdc.FastCDC(p.avg_size, min_size=p.min_size, max_size=p.max_size, seed=p.seed)
 
     def read(self, item: _Item, progress: Progress) -> list[str] | None:
-        """Blob ids of the file's bytes, or None when it changed while read."""
-        before = item.st
-        assert before is not None
+        """Blob ids of the file's bytes, or None when it changed while being read.
+
+        The file is judged by what was opened, not by the walk's earlier stat: a
+        checkpoint replaced (temp + rename) between the walk and the read is taken in
+        its new version, and only a change *during* the read skips it. The entry's size,
+        time and mode, and ``item.st``, are updated to the version read.
+        """
+        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         try:
-            fd = os.open(item.abspath, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(item.abspath, flags)  # O_NONBLOCK: a FIFO swapped in must not hang us
         except OSError:
             return None
         blobs: list[str] = []
@@ -164,9 +169,9 @@ class _Reader:
         try:
             with os.fdopen(fd, "rb", buffering=0) as f:
                 opened = os.fstat(f.fileno())
-                if stat_key(opened)[:2] != stat_key(before)[:2] or opened.st_ino != before.st_ino:
+                if not stat.S_ISREG(opened.st_mode):
                     return None
-                if before.st_size <= self.small:
+                if opened.st_size <= self.small:
                     data = f.read(self.small + 1)
                     total = len(data)
                     if data:
@@ -180,9 +185,39 @@ class _Reader:
                 after = os.fstat(f.fileno())
         except OSError:
             return None
-        if total != before.st_size or stat_key(after) != stat_key(opened):
+        if total != opened.st_size or stat_key(after) != stat_key(opened):
             return None
+        item.st = opened
+        item.entry.size = opened.st_size
+        item.entry.mtime_ns = opened.st_mtime_ns
+        item.entry.mode = stat.S_IMODE(opened.st_mode)
         return blobs
+
+
+def _tree_chunker(repo: Repository) -> pyfastcdc.FastCDC:
+    return pyfastcdc.FastCDC(64 << 10, min_size=16 << 10, max_size=256 << 10, seed=repo.chunker.seed)
+
+
+def _unchanged(repo: Repository, walk: WalkResult, caches: dict[str, StatCache], parent: SnapshotInfo) -> bool:
+    """True when every file is known to the stat cache and the tree equals the parent's.
+
+    Reads no file and writes nothing: the cheap check an idle background pass makes.
+    """
+    index = repo.index()
+    entries = []
+    for item in walk.items:
+        entry = item.entry
+        if entry.type == fmt.TYPE_FILE:
+            assert item.st is not None
+            root_name, _, rel = entry.path.partition("/")
+            blobs = caches[root_name].lookup(rel or ".", item.st)
+            if blobs is None or not all(bytes.fromhex(b) in index for b in blobs):
+                return False
+            entry = fmt.Entry(entry.path, entry.type, entry.mode, entry.mtime_ns, entry.size, blobs)
+        entries.append(entry)
+    tree = fmt.encode_tree(entries)
+    ids = [fmt.hexdigest(c.data) for c in _tree_chunker(repo).cut_buf(tree)] if tree else []
+    return ids == parent.tree
 
 
 def _check_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -236,7 +271,10 @@ def take_snapshot(
         root_docs.append({"name": name, "source": str(root), "type": kind})
 
     previous = [s for s in repo.snapshots() if s.run == run]
-    parent = previous[-1] if previous else None
+    # The parent is the run's newest snapshot of these same paths (a Checkpointer's
+    # snapshots may share the run name), else the run's newest.
+    same = [s for s in previous if [r["name"] for r in s.roots] == names]
+    parent = (same or previous)[-1] if previous else None
     parent_files: dict[str, fmt.Entry] | None = None
 
     def previous_version(path: str) -> fmt.Entry | None:
@@ -253,6 +291,9 @@ def take_snapshot(
     caches = {
         name: StatCache(repo.id, root).load() if use_cache else StatCache(repo.id, root) for root, name in zip(roots, names, strict=False)
     }
+    if skip_unchanged and parent is not None and parent.roots == root_docs and _unchanged(repo, walk, caches, parent):
+        parent.unchanged = True  # an idle pass: not even a session lock is written
+        return parent
     new_cache: dict[str, dict[str, list[Any]]] = {name: {} for name in names}
     changed: list[str] = []
     entries: list[fmt.Entry] = []
@@ -289,8 +330,7 @@ def take_snapshot(
         tree = fmt.encode_tree(entries)
         tree_ids = []
         if tree:
-            cdc = pyfastcdc.FastCDC(64 << 10, min_size=16 << 10, max_size=256 << 10, seed=repo.chunker.seed)
-            tree_ids = [session.add(c.data, compress=True).hex() for c in cdc.cut_buf(tree)]
+            tree_ids = [session.add(c.data, compress=True).hex() for c in _tree_chunker(repo).cut_buf(tree)]
         if skip_unchanged and parent is not None and parent.tree == tree_ids and parent.roots == root_docs and not changed:
             parent.unchanged = True
             if use_cache:

@@ -1,0 +1,86 @@
+"""The ``liferaft run`` command: parse, then hand over to the supervisor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from ..errors import LiferaftError
+
+
+@click.command(
+    "run",
+    context_settings={"allow_interspersed_args": False, "help_option_names": ["-h", "--help"]},
+)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="-- COMMAND...")
+@click.option("--keep", "keep", multiple=True, metavar="PATH", help="File or folder to keep (repeatable), e.g. checkpoints.")
+@click.option("--run", "run_name", metavar="NAME", help="Run name (default: the working folder's name).")
+@click.option("--every", default="60", show_default=True, metavar="SECONDS", help="Snapshot interval (when something changed).")
+@click.option("--restarts", default=0, show_default=True, type=click.IntRange(min=0), help="Restart a failed command this many times.")
+@click.option(
+    "--time-limit",
+    metavar="DURATION",
+    help="Stop the command (SIGTERM) in time for the final snapshot: 11h30m, 90m, off. "
+    "Default: the platform's cap (Colab 12h, Kaggle 12h/9h TPU, Studio Lab 4h), none elsewhere.",
+)
+@click.option("--grace", default="20", show_default=True, metavar="SECONDS", help="Time the command gets after SIGTERM.")
+@click.option("--force", is_flag=True, help="Restore the snapshot even over local files that differ from it.")
+@click.option("--offline-ok", is_flag=True, help="Start even when the vault cannot be reached (snapshots are retried).")
+@click.option("-v", "--verbose", is_flag=True, help="Report every snapshot, not only the first.")
+@click.option("--vault", "vault_url", metavar="URL", help="Vault folder or URL (else LIFERAFT_VAULT, liferaft.toml, the default).")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but warnings and errors.")
+def run_command(
+    command: tuple[str, ...],
+    keep: tuple[str, ...],
+    run_name: str | None,
+    every: str,
+    restarts: int,
+    time_limit: str | None,
+    grace: str,
+    force: bool,
+    offline_ok: bool,
+    verbose: bool,
+    vault_url: str | None,
+    quiet: bool,
+) -> int:
+    """Run COMMAND and keep its state alive: restore, snapshot in the background, survive preemption.
+
+    \b
+    liferaft run --keep checkpoints --keep runs -- python train.py --epochs 50
+    liferaft run --keep checkpoints --restarts 3 --time-limit 11h30m -- python train.py
+
+    Kept paths missing here are restored from the run's newest snapshot first (local work
+    newer than the snapshot is never overwritten). On SIGTERM, SIGINT, SIGHUP or SIGUSR1
+    the signal is passed on, the command gets --grace seconds, a final snapshot is taken,
+    and liferaft exits with the command's status. The command sees LIFERAFT_RUN,
+    LIFERAFT_RESUMED (1 or 0), LIFERAFT_SNAPSHOT and LIFERAFT_VAULT.
+    """
+    from .keeper import keep_from_config
+    from .supervisor import RunOptions, Supervisor
+    from .units import parse_duration
+
+    root: Any = click.get_current_context().find_root().obj
+    if command and command[0].startswith("-") and command[0] != "-":
+        raise LiferaftError(
+            f"unknown option {command[0]} for liferaft run", "put the command after --, e.g. liferaft run --keep ckpt -- python train.py"
+        )
+    every_s = parse_duration(every, "--every")
+    grace_s = parse_duration(grace, "--grace")
+    assert every_s is not None and grace_s is not None
+    limit: float | str | None = "auto" if time_limit is None else parse_duration(time_limit, "--time-limit", allow_off=True)
+    opts = RunOptions(
+        command=list(command),
+        keep=list(keep) or keep_from_config(),
+        run=run_name,
+        vault=vault_url or getattr(root, "vault_url", None),
+        every=every_s,
+        restarts=restarts,
+        time_limit=limit,
+        grace=grace_s,
+        force=force,
+        offline_ok=offline_ok,
+        quiet=quiet or bool(getattr(root, "quiet", False)),
+        verbose=verbose,
+    )
+    return Supervisor(opts).run()

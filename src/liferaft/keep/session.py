@@ -1,0 +1,301 @@
+"""``liferaft.attach``: keep a notebook's (or a script's) files alive, in process.
+
+``attach`` restores the kept paths, then a background thread snapshots them every
+interval; the last snapshot is taken at interpreter exit and on SIGTERM. One raft per
+process: a second ``attach`` returns the running one, so re-running a notebook cell
+does not start a second syncer.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import warnings
+from collections.abc import Sequence
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from ..errors import LiferaftError
+from .keeper import KeptPath, RestoreOutcome, check_run_name, check_vault_outside, resolve_keeps, restore_kept
+from .signals import SignalHandlers
+from .syncer import NOTHING_YET, PassResult, Syncer, ensure_vault
+from .units import format_duration, format_size, plural
+
+if TYPE_CHECKING:
+    from ..api import Vault
+    from ..vault.repository import SnapshotInfo
+
+_lock = threading.Lock()
+_current: Raft | None = None
+
+
+def _register_exit_hook(fn: Any) -> None:
+    # threading's exit hooks run before concurrent.futures refuses new work at shutdown,
+    # which the final snapshot's uploads need; plain atexit runs after that.
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(fn)
+            return
+        except RuntimeError:
+            pass
+    import atexit
+
+    atexit.register(fn)
+
+
+class Raft:
+    """A running attachment: its syncer, what was restored, and the last snapshot.
+
+    Made by :func:`attach`; use ``sync()`` for a snapshot now and ``close()`` to stop.
+    """
+
+    def __init__(
+        self,
+        vault: Vault,
+        run: str,
+        keeps: Sequence[KeptPath],
+        every: float,
+        *,
+        quiet: bool = False,
+        flush_timeout: float = 25.0,
+    ) -> None:
+        self.vault = vault
+        self.run = run
+        self.keeps = list(keeps)
+        self.every = every
+        self.quiet = quiet
+        self.flush_timeout = flush_timeout
+        self.restored = RestoreOutcome()
+        self.closed = False
+        self._syncer = Syncer(vault, run, self.keeps, every, on_error=self._warn)
+        self._handlers: SignalHandlers | None = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"syncing every {format_duration(self.every)}"
+        last = self.last_snapshot
+        tail = f", last snapshot {last.short_id}" if last is not None else ""
+        return f"<liferaft.Raft run={self.run!r} keep={[k.arg for k in self.keeps]} vault={self.vault.url!r} {state}{tail}>"
+
+    def __enter__(self) -> Raft:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ info
+
+    @property
+    def resumed(self) -> bool:
+        """True when the kept paths came from (or already matched) a snapshot."""
+        return self.restored.resumed
+
+    @property
+    def snapshot_id(self) -> str | None:
+        """The snapshot the kept paths were restored from, if any."""
+        snap = self.restored.snapshot
+        return snap.id if snap is not None and self.resumed else None
+
+    @property
+    def last_snapshot(self) -> SnapshotInfo | None:
+        """The newest snapshot this raft took or found unchanged."""
+        for p in reversed(self._syncer.history):
+            if p.snapshot is not None:
+                return p.snapshot
+        return None
+
+    @property
+    def snapshots_taken(self) -> int:
+        return len(self._syncer.committed)
+
+    @property
+    def error(self) -> str | None:
+        """The last background failure, until a pass succeeds again."""
+        return self._syncer.last_error
+
+    # ------------------------------------------------------------ control
+
+    def _say(self, text: str) -> None:
+        if not self.quiet:
+            print(f"liferaft: {text}", flush=True)
+
+    def _warn(self, text: str) -> None:
+        print(f"liferaft: warning: {text}", file=sys.stderr, flush=True)
+
+    def _start(self, *, force: bool) -> None:
+        ensure_vault(self.vault)
+        self.restored = restore_kept(self.vault, self.run, self.keeps, force=force, say=self._warn)
+        o = self.restored
+        for msg in o.messages:
+            self._warn(msg)
+        if o.snapshot is None:
+            self._say(f"nothing to restore for run {self.run!r} (a first run); syncing every {format_duration(self.every)}")
+        elif o.restored:
+            self._say(
+                f"restored {', '.join(k.arg for k in o.restored)} from snapshot {o.snapshot.short_id}: "
+                f"{plural(o.files, 'file')}, {format_size(o.nbytes)}; syncing every {format_duration(self.every)}"
+            )
+        else:
+            self._say(f"kept paths already match snapshot {o.snapshot.short_id}; syncing every {format_duration(self.every)}")
+        self._syncer.start()
+        if threading.current_thread() is threading.main_thread():
+            self._handlers = SignalHandlers((signal.SIGTERM,), self._on_sigterm)
+        _register_exit_hook(self._at_exit)
+
+    def sync(self, *, step: int | None = None, metrics: dict[str, Any] | None = None, timeout: float | None = None) -> SnapshotInfo:
+        """Snapshot the kept paths now (if something changed) and wait for the commit.
+
+        >>> raft.sync(step=1200, metrics={"val_loss": 0.31})   # doctest: +SKIP
+        """
+        if self.closed:
+            raise LiferaftError("this raft is closed", "call liferaft.attach(...) again")
+        result = self._syncer.sync("sync", timeout=timeout, step=step, metrics=metrics)
+        if result is None:
+            raise LiferaftError(f"the snapshot did not finish within {format_duration(timeout or 0)}", "wait longer or check the vault")
+        return self._result(result)
+
+    def _result(self, result: PassResult) -> SnapshotInfo:
+        if result.error:
+            raise LiferaftError(f"snapshot failed: {result.error}", "check the vault; the previous snapshot is intact")
+        if result.snapshot is None and result.skipped == NOTHING_YET:
+            raise LiferaftError("nothing to snapshot: none of the kept paths exists yet", f"create {self.keeps[0].arg} first")
+        if result.snapshot is None:
+            raise LiferaftError(f"no snapshot taken: {result.skipped}", "call liferaft.attach(...) again")
+        return result.snapshot
+
+    def close(self, *, final: bool = True) -> SnapshotInfo | None:
+        """Take the final snapshot (unless ``final=False``) and stop syncing.
+
+        >>> raft.close()   # doctest: +SKIP
+        """
+        global _current
+        if self.closed:
+            return None
+        self.closed = True
+        if self._handlers is not None and threading.current_thread() is threading.main_thread():
+            self._handlers.restore()
+        with _lock:
+            if _current is self:
+                _current = None
+        result = self._syncer.stop("close" if final else None, timeout=None)
+        if result is None:
+            return None
+        if result.error:
+            self._warn(f"the final snapshot failed: {result.error}")
+            return None
+        return result.snapshot
+
+    def _at_exit(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        result = self._syncer.stop("exit", timeout=self.flush_timeout)
+        if result is None:
+            self._warn(f"the final snapshot did not finish within {format_duration(self.flush_timeout)} at exit")
+        elif result.error:
+            self._warn(f"the final snapshot at exit failed: {result.error}")
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        handlers = self._handlers
+        if not self.closed:
+            self.closed = True
+            result = self._syncer.stop("SIGTERM", timeout=self.flush_timeout)
+            if result is None or result.error:
+                self._warn(f"the final snapshot on SIGTERM failed: {'timed out' if result is None else result.error}")
+        if handlers is not None:
+            handlers.chain(signum, frame)
+
+
+def attach(
+    keep: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+    *,
+    every: float | str = 60,
+    vault: str | os.PathLike[str] | Vault | None = None,
+    run: str | None = None,
+    force: bool = False,
+    quiet: bool = False,
+    flush_timeout: float = 25.0,
+) -> Raft:
+    """Restore ``keep`` from the vault, then snapshot it in the background every ``every`` seconds.
+
+    The last snapshot is taken at interpreter exit (kernel shutdown or restart too) and
+    on SIGTERM. A second call in the same process returns the running raft.
+
+    Parameters
+    ----------
+    keep
+        Files or folders to keep, relative to the working folder (default: ``keep`` in
+        ``liferaft.toml``).
+    every
+        Seconds between background snapshots (taken only when something changed);
+        also ``"5m"`` and the like.
+    vault
+        A vault URL or path, or a :class:`liferaft.Vault` (default: ``LIFERAFT_VAULT``,
+        ``liferaft.toml``, the default folder).
+    run
+        The run name (default: ``LIFERAFT_RUN``, ``liferaft.toml``, the working folder's name).
+    force
+        Restore the snapshot even over local files that differ from it.
+    quiet
+        Print only warnings.
+    flush_timeout
+        How long the final snapshot may take at exit or on SIGTERM.
+
+    Returns
+    -------
+    Raft
+        ``raft.sync()`` snapshots now, ``raft.close()`` stops; ``raft.resumed`` says
+        whether the files came from a snapshot.
+
+    Examples
+    --------
+    >>> import liferaft
+    >>> raft = liferaft.attach(keep=["checkpoints", "runs"], every=60,
+    ...                        vault="/content/drive/MyDrive/liferaft")   # doctest: +SKIP
+    >>> raft.sync(step=500)                                              # doctest: +SKIP
+    """
+    global _current
+    from ..api import Vault
+    from ..config import default_run_name
+    from .units import parse_duration
+
+    with _lock:
+        running = _current
+    if running is not None and not running.closed:
+        asked = [os.fspath(k) for k in ([keep] if isinstance(keep, (str, os.PathLike)) else (keep or []))]
+        if asked and sorted(asked) != sorted(k.arg for k in running.keeps):
+            warnings.warn(
+                f"liferaft is already attached (keep={[k.arg for k in running.keeps]}); returning that raft. "
+                "Call raft.close() first to attach with other paths.",
+                stacklevel=2,
+            )
+        return running
+    if keep is None:
+        from .keeper import keep_from_config
+
+        keeps_in: list[str | os.PathLike[str]] = list(keep_from_config())
+    elif isinstance(keep, (str, os.PathLike)):
+        keeps_in = [keep]
+    else:
+        keeps_in = list(keep)
+    every_s = parse_duration(every, "every")
+    if not every_s:
+        raise LiferaftError(f"every={every!r} must be more than 0 seconds", "e.g. every=60")
+    keeps = resolve_keeps(keeps_in)
+    the_vault = vault if isinstance(vault, Vault) else Vault(vault)
+    check_vault_outside(keeps, the_vault)
+    run_name = check_run_name(run or os.environ.get("LIFERAFT_RUN") or default_run_name())
+    raft = Raft(the_vault, run_name, keeps, every_s, quiet=quiet, flush_timeout=flush_timeout)
+    with _lock:
+        if _current is not None and not _current.closed:  # another thread won the race
+            return _current
+        raft._start(force=force)
+        _current = raft
+    return raft
+
+
+def current() -> Raft | None:
+    """The running raft of this process, if any."""
+    return _current

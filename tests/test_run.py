@@ -1,0 +1,441 @@
+"""``liferaft run`` end to end: real subprocesses, real signals, a real local vault."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import liferaft
+from conftest import cli
+from liferaft.api import SnapshotInfo
+from liferaft.errors import NotAVault, VaultNotFound
+from test_run_support import Terminal, finish, kill_leftovers, no_traceback, progress, setup_work, start_run, starts, wait_for
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers() -> Iterator[None]:
+    yield
+    kill_leftovers()
+
+
+def _env(tmp_path: Path, **kw: str) -> dict[str, str]:
+    env = {"T_PROGRESS": str(tmp_path / "progress.log"), "T_STEP_S": "0.02", "T_CKPT_EVERY": "5"}
+    env.update(kw)
+    return env
+
+
+def _newest(vault: str, run: str = "work") -> SnapshotInfo | None:
+    try:
+        snaps = liferaft.Vault(vault).snapshots(run=run)
+    except (VaultNotFound, NotAVault):  # not created yet, or being created
+        return None
+    return snaps[-1] if snaps else None
+
+
+def _step_in(vault: str, snap_id: str, tmp: Path) -> int:
+    out = tmp / f"restored-{snap_id[:8]}"
+    liferaft.Vault(vault).restore(snap_id, to=out)
+    return json.loads((out / "ckpt" / "state.json").read_text())["step"]
+
+
+# ---------------------------------------------------------------- signals
+
+
+def test_sigterm_final_snapshot_holds_state_at_signal_and_exit_code_is_the_commands(tmp_path: Path, local_vault: str) -> None:
+    work = setup_work(tmp_path)
+    prog = tmp_path / "progress.log"
+    grace = 5.0
+    proc = start_run(
+        ["--vault", local_vault, "run", "--keep", "ckpt", "--every", "0.3", "--grace", f"{grace:g}", "--", "python", "trainer.py"],
+        work,
+        _env(tmp_path, T_SIG_EXIT="7"),
+    )
+    wait_for(lambda: _newest(local_vault) is not None and sum(p[0] == "step" for p in progress(prog)) >= 15, what="a committed snapshot")
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)  # as a platform does: to liferaft only
+    rc, _out, err = finish(proc)
+    elapsed = time.monotonic() - t0
+    assert rc == 7, err
+    no_traceback(err)
+    stops = [p for p in progress(prog) if p[0] == "stop"]
+    assert len(stops) == 1 and stops[0][1] == str(int(signal.SIGTERM)), progress(prog)
+    stopped_at = int(stops[0][2])
+    newest = _newest(local_vault)
+    assert newest is not None and newest.tags.get("trigger") == "SIGTERM", err
+    assert _step_in(local_vault, newest.id, tmp_path) == stopped_at
+    assert elapsed < grace + 5.0, f"took {elapsed:.1f}s to exit"
+    # the command led its own process group in liferaft's session (one autogroup: the
+    # syncer's low priority counts against it)
+    _, env = starts(prog)[0]
+    assert env["sid"] == proc.pid and env["pgid"] == env["pid"] != proc.pid, env
+    assert "SIGTERM: passed on to the command" in err
+    assert "final snapshot" in err and "exit 7" in err
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGHUP", "SIGUSR1"])
+def test_other_stop_signals_are_passed_on(tmp_path: Path, local_vault: str, signame: str) -> None:
+    signum = getattr(signal, signame)
+    work = setup_work(tmp_path)
+    prog = tmp_path / "progress.log"
+    proc = start_run(
+        ["--vault", local_vault, "run", "--keep", "ckpt", "--every", "30", "--", "python", "trainer.py"],
+        work,
+        _env(tmp_path, T_SIG_EXIT="0"),
+    )
+    wait_for(lambda: sum(p[0] == "step" for p in progress(prog)) >= 3, what="training steps")
+    proc.send_signal(signum)
+    rc, _out, err = finish(proc)
+    assert rc == 0, err
+    stops = [p for p in progress(prog) if p[0] == "stop"]
+    assert stops and stops[0][1] == str(int(signum)), progress(prog)
+    newest = _newest(local_vault)
+    assert newest is not None and newest.tags.get("trigger") == signame
+    assert _step_in(local_vault, newest.id, tmp_path) == int(stops[0][2])
+
+
+def test_default_sigterm_death_gives_143_and_an_ignoring_command_is_killed_after_grace(tmp_path: Path, local_vault: str) -> None:
+    work = setup_work(tmp_path)
+    prog = tmp_path / "progress.log"
+    # 1. a command with Python's default SIGTERM: dies of it; liferaft exits 128 + 15
+    proc = start_run(["--vault", local_vault, "run", "--keep", "ckpt", "--every", "30", "--", "python", "trainer.py"], work, _env(tmp_path))
+    wait_for(lambda: sum(p[0] == "step" for p in progress(prog)) >= 3, what="training steps")
+    proc.send_signal(signal.SIGTERM)
+    rc, _out, err = finish(proc)
+    assert rc == 128 + signal.SIGTERM, err
+    assert _newest(local_vault) is not None  # the checkpoints written before it died are kept
+    # 2. a command that ignores SIGTERM: killed after the grace; 128 + 9
+    prog.unlink()
+    proc = start_run(
+        ["--vault", local_vault, "run", "--keep", "ckpt", "--every", "30", "--grace", "1", "--", "python", "trainer.py"],
+        work,
+        _env(tmp_path, T_IGNORE_TERM="1"),
+    )
+    wait_for(lambda: sum(p[0] == "step" for p in progress(prog)) >= 3, what="training steps")
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rc, _out, err = finish(proc)
+    elapsed = time.monotonic() - t0
+    assert rc == 128 + signal.SIGKILL, err
+    assert 1.0 <= elapsed < 1.0 + 5.0, elapsed
+    assert "did not exit within the 1.0s grace" in err
+
+
+def test_time_limit_stops_the_command_early_enough_for_the_final_snapshot(tmp_path: Path, local_vault: str) -> None:
+    work = setup_work(tmp_path)
+    prog = tmp_path / "progress.log"
+    limit = 4.0
+    t0 = time.monotonic()
+    proc = start_run(
+        [
+            "--vault",
+            local_vault,
+            "run",
+            "--keep",
+            "ckpt",
+            "--every",
+            "0.5",
+            "--grace",
+            "1",
+            "--time-limit",
+            f"{limit:g}s",
+            "--",
+            "python",
+            "trainer.py",
+        ],
+        work,
+        _env(tmp_path, T_SIG_EXIT="0"),
+    )
+    rc, _out, err = finish(proc)
+    elapsed = time.monotonic() - t0
+    assert rc == 0, err
+    assert elapsed < limit + 1.5, f"exited {elapsed:.1f}s after start, limit {limit}s"
+    assert "time limit: sent SIGTERM" in err
+    stops = [p for p in progress(prog) if p[0] == "stop"]
+    assert stops and stops[0][1] == str(int(signal.SIGTERM))
+    newest = _newest(local_vault)
+    assert newest is not None and newest.tags.get("trigger") == "time-limit"
+    assert _step_in(local_vault, newest.id, tmp_path) == int(stops[0][2])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux only")
+def test_a_killed_supervisor_does_not_leave_the_command_running(tmp_path: Path, local_vault: str) -> None:
+    work = setup_work(tmp_path)
+    prog = tmp_path / "progress.log"
+    proc = start_run(
+        ["--vault", local_vault, "run", "--keep", "ckpt", "--every", "30", "--", "python", "trainer.py"],
+        work,
+        _env(tmp_path, T_SIG_EXIT="0"),
+    )
+    wait_for(lambda: sum(p[0] == "step" for p in progress(prog)) >= 3, what="training steps")
+    proc.kill()  # only liferaft: the OOM killer's choice, say
+    finish(proc)
+    wait_for(lambda: any(p[0] == "stop" for p in progress(prog)), timeout=10, what="the orphaned command to get SIGTERM")
+    assert next(p for p in progress(prog) if p[0] == "stop")[1] == str(int(signal.SIGTERM))
+
+
+def test_ctrl_c_in_a_terminal_reaches_the_command_once_and_is_not_a_crash(tmp_path: Path, local_vault: str) -> None:
+    work = setup_work(tmp_path)
+    prog = tmp_path / "progress.log"
+    args = ["--vault", local_vault, "run", "--keep", "ckpt", "--every", "30", "--restarts", "2", "--", "python", "trainer.py"]
+    # 1. a command that handles Ctrl-C: saves, exits 0; it got exactly one SIGINT
+    term = Terminal(args, work, _env(tmp_path, T_SIG_EXIT="0"))
+    wait_for(lambda: sum(p[0] == "step" for p in progress(prog)) >= 3, what="training steps")
+    term.type(b"\x03")
+    rc, out = term.finish()
+    assert rc == 0, out
+    assert [p[1] for p in progress(prog) if p[0] == "signal"] == [str(int(signal.SIGINT))], out
+    assert "final snapshot" in out
+    stopped_at = int(next(p for p in progress(prog) if p[0] == "stop")[2])
+    assert _step_in(local_vault, _newest(local_vault).id, tmp_path) == stopped_at  # type: ignore[union-attr]
+    # 2. Python's own KeyboardInterrupt: the command dies of SIGINT; stopped, not restarted
+    prog.unlink()
+    term = Terminal(args, work, _env(tmp_path))
+    wait_for(lambda: sum(p[0] == "step" for p in progress(prog)) >= 3, what="training steps")
+    term.type(b"\x03")
+    rc, out = term.finish()
+    assert rc == 128 + signal.SIGINT, out
+    assert len(starts(prog)) == 1 and "restarting" not in out, out
+    assert "KeyboardInterrupt" in out  # the command's own output went through the terminal
+
+
+# ---------------------------------------------------------------- restarts
+
+
+def test_restart_on_crash_with_backoff_then_success(tmp_path: Path, local_vault: str) -> None:
+    work = setup_work(tmp_path)
+    prog = tmp_path / "progress.log"
+    env = _env(tmp_path, T_CRASH_UNTIL="2", T_TOTAL="8", T_CKPT_EVERY="1", T_STEP_S="0.01")
+    proc = start_run(
+        ["--vault", local_vault, "run", "--keep", "ckpt", "--every", "30", "--restarts", "2", "--", "python", "trainer.py"], work, env
+    )
+    rc, _out, err = finish(proc)
+    assert rc == 0, err
+    assert "restarting in 1.0s (restart 1 of 2)" in err and "restarting in 2.0s (restart 2 of 2)" in err
+    runs = starts(prog)
+    assert [env["LIFERAFT_RESTARTS"] for _, env in runs] == ["0", "1", "2"]
+    assert [step for step, _ in runs] == [0, 3, 4]  # each restart continues from the local checkpoint
+    assert _step_in(local_vault, _newest(local_vault).id, tmp_path) == 8  # type: ignore[union-attr]
+
+
+def test_restarts_exhausted_exit_with_the_commands_status(tmp_path: Path, local_vault: str) -> None:
+    work = setup_work(tmp_path)
+    env = _env(tmp_path, T_CRASH_UNTIL="5", T_STEP_S="0.01")
+    proc = start_run(
+        ["--vault", local_vault, "run", "--keep", "ckpt", "--every", "30", "--restarts", "1", "--", "python", "trainer.py"], work, env
+    )
+    rc, _out, err = finish(proc)
+    assert rc == 1, err
+    assert "giving up" in err
+    assert len(starts(tmp_path / "progress.log")) == 2
+
+
+# ---------------------------------------------------------------- restore before the start
+
+
+def test_restore_env_and_refusing_to_overwrite_local_work(tmp_path: Path, local_vault: str) -> None:
+    work = setup_work(tmp_path)
+    prog = tmp_path / "progress.log"
+    base = ["--vault", local_vault, "run", "--keep", "ckpt", "--every", "30", "--", "python", "trainer.py"]
+    # a first run: nothing to restore
+    rc, _out, err = finish(start_run(base, work, _env(tmp_path, T_TOTAL="3")))
+    assert rc == 0, err
+    assert "nothing to restore" in err
+    assert starts(prog)[-1][1]["LIFERAFT_RESUMED"] == "0"
+    snap = _newest(local_vault)
+    assert snap is not None
+
+    # a fresh machine: the kept path is missing → restored; the command learns it
+    (work / "ckpt" / "state.json").unlink()
+    (work / "ckpt").rmdir()
+    rc, _out, err = finish(start_run(base, work, _env(tmp_path, T_TOTAL="3")))
+    assert rc == 0, err
+    step, env = starts(prog)[-1]
+    assert step == 3 and env["LIFERAFT_RESUMED"] == "1" and env["LIFERAFT_SNAPSHOT"] == snap.id and env["LIFERAFT_RUN"] == "work"
+    assert f"restored ckpt from snapshot {snap.short_id}" in err
+
+    # newer local work: kept as it is, said so, --force offered
+    state = work / "ckpt" / "state.json"
+    state.write_text(json.dumps({"step": 40}))
+    rc, _out, err = finish(start_run(base, work, _env(tmp_path, T_TOTAL="41")))
+    assert rc == 0, err
+    assert "keeping local ckpt: it has work newer than snapshot" in err and "--force" in err
+    step, env = starts(prog)[-1]
+    assert step == 40 and env["LIFERAFT_RESUMED"] == "0"
+
+    # older local files that differ from the newest snapshot: refused before the command starts
+    state.write_text(json.dumps({"step": 7}))
+    old = time.time() - 3600
+    os.utime(state, (old, old))
+    n_starts = len(starts(prog))
+    rc, _out, err = finish(start_run(base, work, _env(tmp_path, T_TOTAL="41")))
+    assert rc == 2, err
+    no_traceback(err)
+    errors = [line for line in err.splitlines() if line.startswith("liferaft: error:")]
+    assert len(errors) == 1 and "older than it" in errors[0] and "--force" in errors[0], err
+    assert len(starts(prog)) == n_starts  # never started
+    assert json.loads(state.read_text())["step"] == 7  # untouched
+
+    # --force: the snapshot wins
+    rc, _out, err = finish(start_run([*base[:3], "--force", *base[3:]], work, _env(tmp_path, T_TOTAL="41")))
+    assert rc == 0, err
+    step, env = starts(prog)[-1]
+    assert step == 41 and env["LIFERAFT_RESUMED"] == "1"
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _one_error_line(err: str) -> str:
+    """Exactly one error line, the last thing printed, and no traceback."""
+    no_traceback(err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("liferaft: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    return errors[0]
+
+
+def test_no_command(tmp_path: Path, local_vault: str) -> None:
+    r = cli("--vault", local_vault, "run", "--keep", "ckpt", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "no command to run" in _one_error_line(r.stderr)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_the_command_starts_with_default_signal_dispositions(tmp_path: Path, local_vault: str) -> None:
+    # Python ignores SIGPIPE (and liferaft SIGTTOU in a terminal): the command must not inherit that
+    r = cli("--vault", local_vault, "run", "--keep", "ckpt", "--", "grep", "SigIgn", "/proc/self/status", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    ignored = int(r.stdout.split()[-1], 16)
+    for sig in (signal.SIGPIPE, signal.SIGTTOU, signal.SIGXFSZ):
+        assert not ignored & (1 << (sig - 1)), (sig, r.stdout)
+
+
+def test_command_not_found_and_not_executable(tmp_path: Path, local_vault: str) -> None:
+    r = cli("--vault", local_vault, "run", "--keep", "ckpt", "--", "no-such-command-liferaft", cwd=tmp_path)
+    assert r.returncode == 127
+    assert "command not found: no-such-command-liferaft" in _one_error_line(r.stderr)
+    (tmp_path / "train.py").write_text("print(1)\n")
+    r = cli("--vault", local_vault, "run", "--keep", "ckpt", "--", "./train.py", cwd=tmp_path)
+    assert r.returncode == 127
+    assert "python ./train.py" in _one_error_line(r.stderr)
+
+
+def test_bad_durations_and_keeps(tmp_path: Path, local_vault: str) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    r = cli("--vault", local_vault, "run", "--keep", "ckpt", "--every", "5x", "--", "true", cwd=work)
+    assert r.returncode == 2 and "--every '5x' is not a duration" in _one_error_line(r.stderr)
+    r = cli("--vault", local_vault, "run", "--keep", "..", "--", "true", cwd=work)
+    assert r.returncode == 2 and "holds the working folder" in _one_error_line(r.stderr)
+    r = cli("--vault", local_vault, "run", "--", "true", cwd=work)
+    assert r.returncode == 2 and "nothing to keep" in _one_error_line(r.stderr)
+    r = cli("--vault", local_vault, "run", "--keep", "a", "--keep", "a/b", "--", "true", cwd=work)
+    assert r.returncode == 2 and "--keep a/b is inside --keep a" in _one_error_line(r.stderr)
+    r = cli("--vault", local_vault, "run", "--keep", "a", "--time-limit", "1s", "--", "true", cwd=work)
+    assert r.returncode == 2 and "no time to run" in _one_error_line(r.stderr)
+    r = cli("--vault", str(work / "data" / "vault"), "run", "--keep", "data", "--", "true", cwd=work)
+    assert r.returncode == 2 and "overlap" in _one_error_line(r.stderr)
+
+
+def test_kept_path_outside_the_working_folder_is_not_restored_over_something_else(tmp_path: Path, local_vault: str) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    outside = tmp_path / "shared" / "out"
+    outside.mkdir(parents=True)
+    (outside / "data.txt").write_text("the run's data")
+    marker = "import pathlib; pathlib.Path('started').write_text('x')"
+    r = cli("--vault", local_vault, "run", "--keep", "../shared/out", "--", "python", "-c", marker, cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert _newest(local_vault) is not None
+    (work / "started").unlink()
+    # something else now lives there, older than the snapshot
+    (outside / "data.txt").write_text("someone else's file")
+    old = time.time() - 3600
+    os.utime(outside / "data.txt", (old, old))
+    r = cli("--vault", local_vault, "run", "--keep", "../shared/out", "--", "python", "-c", marker, cwd=work)
+    assert r.returncode == 2
+    line = _one_error_line(r.stderr)
+    assert "../shared/out (outside the working folder) holds files that differ" in line
+    assert not (work / "started").exists()
+    assert (outside / "data.txt").read_text() == "someone else's file"
+
+
+def test_unreachable_vault_fails_before_the_command_starts_unless_offline_ok(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "a-file").write_text("not a folder")
+    vault = str(tmp_path / "a-file" / "vault")  # cannot be reached: its parent is a file
+    marker = "import pathlib; pathlib.Path('started').write_text('x')"
+    r = cli("--vault", vault, "run", "--keep", "ckpt", "--", "python", "-c", marker, cwd=work)
+    assert r.returncode == 2
+    line = _one_error_line(r.stderr)
+    assert "the command was not started" in line and "--offline-ok" in line
+    assert not (work / "started").exists()
+    r = cli("--vault", vault, "run", "--keep", "started", "--offline-ok", "--", "python", "-c", marker, cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert (work / "started").exists()
+    assert "running without it (--offline-ok)" in r.stderr and "the final snapshot failed" in r.stderr
+    no_traceback(r.stderr)
+
+
+@pytest.mark.skipif(os.path.exists("/content/drive"), reason="a real Drive mount point exists here")
+def test_unmounted_drive_vault_is_refused(tmp_path: Path) -> None:
+    r = cli("--vault", "/content/drive/MyDrive/liferaft-test", "run", "--keep", "ckpt", "--", "true", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "Google Drive is not mounted" in _one_error_line(r.stderr)
+    assert not os.path.exists("/content/drive")  # nothing was created under the mount point
+
+
+# ---------------------------------------------------------------- a vault on a bucket (moto: real S3 protocol on loopback)
+
+
+_NO_MOTO = pytest.mark.skipif(
+    importlib.util.find_spec("moto") is None or importlib.util.find_spec("s3fs") is None, reason="needs moto and s3fs"
+)
+
+
+@_NO_MOTO
+def test_run_with_the_vault_on_a_bucket_resumes_on_a_fresh_machine(
+    tmp_path: Path, moto_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SkyPilot flow: preempted (SIGTERM), the machine is gone, the same command elsewhere resumes."""
+    moto_server.apply(monkeypatch)
+    url = moto_server.vault_url()
+    prog = tmp_path / "progress.log"
+    first = setup_work(tmp_path / "machine-1")
+    args = ["--vault", url, "run", "--run", "sky", "--keep", "ckpt", "--every", "0.5", "--", "python", "trainer.py"]
+    proc = start_run(args, first, _env(tmp_path, T_SIG_EXIT="0"))
+    wait_for(lambda: sum(p[0] == "step" for p in progress(prog)) >= 10, what="training steps")
+    proc.send_signal(signal.SIGTERM)
+    rc, _out, err = finish(proc)
+    assert rc == 0, err
+    stopped_at = int(next(p for p in progress(prog) if p[0] == "stop")[2])
+    second = setup_work(tmp_path / "machine-2")
+    rc, _out, err = finish(start_run(args, second, _env(tmp_path, T_TOTAL=str(stopped_at + 2))))
+    assert rc == 0, err
+    step, env = starts(prog)[-1]
+    assert step == stopped_at and env["LIFERAFT_RESUMED"] == "1", err
+    assert moto_server.env()["AWS_SECRET_ACCESS_KEY"] not in err
+
+
+@_NO_MOTO
+def test_unreachable_bucket_fails_before_the_command_starts(tmp_path: Path, moto_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from servers import free_port
+
+    moto_server.apply(monkeypatch, endpoint=f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("LIFERAFT_RETRY_DEADLINE", "2")
+    marker = "import pathlib; pathlib.Path('started').write_text('x')"
+    r = cli("--vault", "s3://liferaft-tests/v", "run", "--keep", "ckpt", "--", "python", "-c", marker, cwd=tmp_path)
+    assert r.returncode == 2
+    line = _one_error_line(r.stderr)
+    assert "the command was not started" in line and "--offline-ok" in line
+    assert not (tmp_path / "started").exists()
