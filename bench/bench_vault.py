@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import Timing, drop, liferaft_argv, run, sync, table  # noqa: E402
+from _common import Timing, drop, liferaft_argv, run, sync, table
 
 
 def make_big(root: Path, total: int, files: int = 4) -> None:
@@ -75,9 +75,13 @@ def main() -> int:
         sync()
         t["snap"] = run("liferaft snapshot", liferaft_argv("--vault", str(vault), "-q", "snapshot", str(big), "--run", "big"), env=env)
         sync()
-        t["snap2"] = run("liferaft snapshot (unchanged)", liferaft_argv("--vault", str(vault), "-q", "snapshot", str(big), "--run", "big"), env=env)
+        t["snap2"] = run(
+            "liferaft snapshot (unchanged)", liferaft_argv("--vault", str(vault), "-q", "snapshot", str(big), "--run", "big"), env=env
+        )
         t["restore"] = run(
-            "liferaft restore", liferaft_argv("--vault", str(vault), "-q", "restore", "--run", "big", "--to", str(scratch / "restored")), env=env
+            "liferaft restore",
+            liferaft_argv("--vault", str(vault), "-q", "restore", "--run", "big", "--to", str(scratch / "restored")),
+            env=env,
         )
         drop(scratch / "restored")
         sync()
@@ -96,7 +100,9 @@ def main() -> int:
         small = scratch / "small"
         make_small(small, args.small_files)
         sync()
-        t["ssnap"] = run("liferaft snapshot (small files)", liferaft_argv("--vault", str(vault), "-q", "snapshot", str(small), "--run", "small"), env=env)
+        t["ssnap"] = run(
+            "liferaft snapshot (small files)", liferaft_argv("--vault", str(vault), "-q", "snapshot", str(small), "--run", "small"), env=env
+        )
         t["zip_small"] = run("zip -r (small files)", ["zip", "-qr", str(scratch / "small.zip"), "small"], cwd=scratch)
         t["srestore"] = run(
             "liferaft restore (small files)",
@@ -124,7 +130,18 @@ def main() -> int:
         ratios["snapshot speedup vs zip -r"] = results["zip"].seconds / results["snap"].seconds
     peak = max(v.peak_rss_mib for k, v in results.items() if k in ("snap", "snap2", "restore", "ssnap", "srestore"))
     if args.json:
-        print(json.dumps({"gib": gib, "small_files": args.small_files, "timings": {k: v.__dict__ for k, v in results.items()}, "ratios": ratios, "peak_rss_mib": peak}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "gib": gib,
+                    "small_files": args.small_files,
+                    "timings": {k: v.__dict__ for k, v in results.items()},
+                    "ratios": ratios,
+                    "peak_rss_mib": peak,
+                },
+                indent=2,
+            )
+        )
         return 0
     rows = [("workload", "seconds", "MiB/s", "peak RSS MiB")]
     sizes = {"cp": gib, "cp2": gib, "snap": gib, "snap2": gib, "restore": gib, "tar": gib, "zip": gib}
