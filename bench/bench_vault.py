@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -52,12 +54,39 @@ def make_small(root: Path, count: int, size: int = 4096) -> None:
         (d / f"{i:06d}.txt").write_bytes((line.encode() * (size // len(line) + 1))[:size])
 
 
+IN_PROCESS = """
+import sys, time, liferaft
+vault = liferaft.Vault(sys.argv[1])
+t = time.perf_counter()
+snap = vault.snapshot([sys.argv[2]], run="big", skip_unchanged=True)
+assert snap.unchanged, "expected an unchanged tree"
+print(f"{time.perf_counter() - t:.6f}")
+"""
+
+
+def run_timed_inside(name: str, argv: list[str], env: dict[str, str]) -> Timing:
+    """A child that prints its own timing of the work (no interpreter start-up)."""
+    full = dict(os.environ)
+    full.update(env)
+    out = subprocess.run(argv, env=full, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"{name} failed: {out.stderr[-2000:]}", file=sys.stderr)
+        return Timing(name, float("inf"), 0.0, out.returncode)
+    return Timing(name, float(out.stdout.strip().splitlines()[-1]), 0.0, 0)
+
+
+def best(table: dict[str, Timing], key: str, timing: Timing) -> None:
+    if key not in table or (timing.returncode == 0 and timing.seconds < table[key].seconds):
+        table[key] = timing
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gib", type=float, default=1.0, help="size of the big workload in GiB")
     ap.add_argument("--small-files", type=int, default=50_000)
     ap.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temp dir)")
     ap.add_argument("--skip-slow-baselines", action="store_true", help="skip tar czf and zip on the big data")
+    ap.add_argument("--repeat", type=int, default=2, help="runs of each big-data measurement; the best counts")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -70,24 +99,31 @@ def main() -> int:
         sync()
         vault = scratch / "vault"
         t = results
-        t["cp"] = run("cp -r", ["cp", "-r", str(big), str(scratch / "cp-copy")])
-        drop(scratch / "cp-copy")
-        sync()
-        t["snap"] = run("liferaft snapshot", liferaft_argv("--vault", str(vault), "-q", "snapshot", str(big), "--run", "big"), env=env)
-        sync()
-        t["snap2"] = run(
-            "liferaft snapshot (unchanged)", liferaft_argv("--vault", str(vault), "-q", "snapshot", str(big), "--run", "big"), env=env
-        )
-        t["restore"] = run(
-            "liferaft restore",
-            liferaft_argv("--vault", str(vault), "-q", "restore", "--run", "big", "--to", str(scratch / "restored")),
-            env=env,
-        )
-        drop(scratch / "restored")
-        sync()
-        t["cp2"] = run("cp -r (again)", ["cp", "-r", str(big), str(scratch / "cp-copy")])
-        drop(scratch / "cp-copy")
-        sync()
+        time.sleep(1.1)  # files younger than a second are not trusted by the stat cache
+        for _attempt in range(args.repeat):
+            # Best of --repeat for each: this VM's first touch of fresh memory costs seconds
+            # per GiB, whichever command happens to meet it first.
+            best(t, "cp", run("cp -r (page cache, not durable)", ["cp", "-r", str(big), str(scratch / "cp-copy")]))
+            drop(scratch / "cp-copy")
+            sync()
+            best(t, "cpsync", run("cp -r && sync (durable)", ["sh", "-c", f"cp -r '{big}' '{scratch / 'cp-copy'}' && sync"]))
+            drop(scratch / "cp-copy")
+            sync()
+            drop(vault)
+            drop(scratch / "cache")
+            snap_argv = liferaft_argv("--vault", str(vault), "-q", "snapshot", str(big), "--run", "big")
+            best(t, "snap", run("liferaft snapshot", snap_argv, env=env))
+            sync()
+            best(t, "snap2", run("liferaft snapshot (unchanged)", snap_argv, env=env))
+            best(
+                t,
+                "snap2api",
+                run_timed_inside("Vault.snapshot (unchanged, in process)", [sys.executable, "-c", IN_PROCESS, str(vault), str(big)], env),
+            )
+            restore_argv = liferaft_argv("--vault", str(vault), "-q", "restore", "--run", "big", "--to", str(scratch / "restored"))
+            best(t, "restore", run("liferaft restore", restore_argv, env=env))
+            drop(scratch / "restored")
+            sync()
         if not args.skip_slow_baselines:
             t["tar"] = run("tar czf", ["tar", "czf", str(scratch / "big.tgz"), "-C", str(scratch), "big"])
             drop(scratch / "big.tgz")
@@ -117,11 +153,13 @@ def main() -> int:
     if any(x.returncode != 0 for x in results.values()):
         return 1
     gib = args.gib
-    cp = min(results["cp"].seconds, results["cp2"].seconds)
+    cp = results["cp"].seconds
     ratios = {
-        "snapshot speed vs cp (goal >= 0.5)": cp / results["snap"].seconds,
-        "unchanged snapshot / first (goal <= 0.03)": results["snap2"].seconds / results["snap"].seconds,
-        "restore speed vs cp (goal >= 0.5)": cp / results["restore"].seconds,
+        "snapshot speed vs cp -r (goal >= 0.5)": cp / results["snap"].seconds,
+        "snapshot speed vs cp -r && sync": results["cpsync"].seconds / results["snap"].seconds,
+        "unchanged snapshot / first, CLI process (goal <= 0.03)": results["snap2"].seconds / results["snap"].seconds,
+        "unchanged snapshot / first, in process": results["snap2api"].seconds / results["snap"].seconds,
+        "restore speed vs cp -r (goal >= 0.5)": cp / results["restore"].seconds,
         "small files: snapshot speed vs zip -r": results["zip_small"].seconds / results["ssnap"].seconds,
         "small files: restore speed vs unzip": results["unzip"].seconds / results["srestore"].seconds,
     }
@@ -144,7 +182,7 @@ def main() -> int:
         )
         return 0
     rows = [("workload", "seconds", "MiB/s", "peak RSS MiB")]
-    sizes = {"cp": gib, "cp2": gib, "snap": gib, "snap2": gib, "restore": gib, "tar": gib, "zip": gib}
+    sizes = {"cp": gib, "cpsync": gib, "snap": gib, "snap2": gib, "restore": gib, "tar": gib, "zip": gib}
     for k, v in results.items():
         rate = f"{sizes[k] * 1024 / v.seconds:.0f}" if k in sizes else ""
         rows.append((v.name, f"{v.seconds:.2f}", rate, f"{v.peak_rss_mib:.0f}"))

@@ -38,7 +38,7 @@ from ..errors import (
 from . import format as fmt
 
 CONFIG = "config.json"
-PACK_TARGET = 32 << 20
+PACK_TARGET = 16 << 20  # restic's default too: few objects, small buffers, cheap retries
 SESSION_REFRESH = 30.0
 STALE_AFTER = 300.0
 PRUNE_LOCK = "locks/prune.json"
@@ -579,7 +579,7 @@ class WriteSession:
         if self._cur is None:
             if self._free.empty() and self._buffers < self._max_buffers:
                 self._buffers += 1
-                self._cur = _PackBuffer(self.repo.pack_target + (8 << 20))
+                self._cur = _PackBuffer(self.repo.pack_target + (5 << 20))  # + one max blob and a header
             else:
                 self._cur = self._free.get()  # back-pressure: wait for an upload to finish
                 self._check()
@@ -591,18 +591,19 @@ class WriteSession:
             return
         buf = self._cur
         buf.append(fmt.build_pack_header(secrets.token_bytes(16), self._entries))
-        data = buf.view()
-        pack_id = fmt.hexdigest(data)
-        self._packs[pack_id] = (buf.n, self._entries)
+        entries = self._entries
         self._entries = []
         self._cur = None
         self._check()
-        fut = self._pool.submit(self._upload, pack_id, buf)
+        fut = self._pool.submit(self._upload, entries, buf)
         self._futures.append(fut)
 
-    def _upload(self, pack_id: str, buf: _PackBuffer) -> None:
+    def _upload(self, entries: list[fmt.PackEntry], buf: _PackBuffer) -> None:
         try:
-            self.backend.put(pack_name(pack_id), buf.view(), overwrite=False)
+            data = buf.view()
+            pack_id = fmt.hexdigest(data)  # hashed here, beside the reader, not in its way
+            self._packs[pack_id] = (buf.n, entries)
+            self.backend.put(pack_name(pack_id), data, overwrite=False)
         except ObjectExists:
             pass  # same bytes, random nonce: only a retry of ours can collide
         except BaseException as err:  # surfaced by the next call
