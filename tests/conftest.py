@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from servers import NEEDS_CREATE_ONLY, cloud_vault, gcs_server, moto_server, rclone_server  # noqa: F401 - fixtures
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,12 +24,20 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
     monkeypatch.delenv("LIFERAFT_VAULT", raising=False)
 
 
-@pytest.fixture(params=["local", "memory"])
-def vault_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh vault URL on each backend the vault suite runs against."""
+@pytest.fixture(params=["local", "memory", "moto", "rclone", "gcs"])
+def vault_url(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh vault URL on each backend the vault suite runs against.
+
+    moto, rclone and gcs are real-protocol servers on 127.0.0.1 (tests/servers.py),
+    started once per session the first time a test asks for them.
+    """
     if request.param == "local":
         return str(tmp_path / "vault")
-    return f"memory://liferaft-tests/{uuid.uuid4().hex}"
+    if request.param == "memory":
+        return f"memory://liferaft-tests/{uuid.uuid4().hex}"
+    if request.param == "rclone" and request.node.originalname in NEEDS_CREATE_ONLY:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="rclone serve s3 ignores If-None-Match: no create-only (docs/cloud.md)"))
+    return cloud_vault(request, monkeypatch, request.param)
 
 
 @pytest.fixture

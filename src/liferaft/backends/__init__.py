@@ -22,15 +22,21 @@ __all__ = [
     "open_backend",
 ]
 
-_EXTRAS = {"gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"), "s3": ("s3fs", "s3")}
-SCHEMES = ("a local path", "file://", "memory://", "gs://", "s3://")
+_EXTRAS = {"gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"), "s3": ("s3fs", "s3"), "rclone": ("s3fs", "s3")}
+SCHEMES = ("a local path", "file://", "memory://", "gs://", "s3://", "rclone://")
 
 
 def open_backend(url: str | os.PathLike[str], options: dict[str, Any] | None = None) -> Backend:
     """Return the backend for a vault URL or path; ``options`` go to the store's client.
 
-    >>> open_backend("/content/vault")          # doctest: +SKIP
-    >>> open_backend("memory://tests/vault")    # doctest: +SKIP
+    A path under a Google Drive mount (``/content/drive`` on Colab, or a folder listed in
+    ``LIFERAFT_DRIVE_MOUNTS``) gets the Drive rules; ``rclone://REMOTE/FOLDER/vault``
+    reaches an rclone remote (Google Drive off Colab) through ``rclone serve s3``.
+
+    >>> open_backend("/content/vault")                          # doctest: +SKIP
+    >>> open_backend("/content/drive/MyDrive/liferaft")         # doctest: +SKIP
+    >>> open_backend("gs://my-bucket/liferaft")                 # doctest: +SKIP
+    >>> open_backend("memory://tests/vault")                    # doctest: +SKIP
     """
     text = os.fspath(url)
     if not text:
@@ -41,6 +47,11 @@ def open_backend(url: str | os.PathLike[str], options: dict[str, Any] | None = N
         path = parsed.path if scheme == "file" else text
         if scheme == "file" and parsed.netloc not in ("", "localhost"):
             raise BadVaultURL(f"file URL with a host: {text}", "use file:///absolute/path")
+        from .drive import DriveMountBackend, drive_mount_of
+
+        mount = drive_mount_of(path)
+        if mount is not None:
+            return DriveMountBackend(path, mount=mount)
         return LocalBackend(path)
     if scheme == "memory":
         from .fsspec_backend import FsspecBackend
@@ -55,6 +66,10 @@ def open_backend(url: str | os.PathLike[str], options: dict[str, Any] | None = N
                 f"{scheme}:// vaults need the {module} package",
                 f"pip install 'liferaft[{extra}]'",
             ) from None
+        if scheme == "rclone":
+            from .drive import open_rclone
+
+            return open_rclone(text, options)
         from .objectstore import ObjectStoreBackend
 
         return ObjectStoreBackend(text, **(options or {}))

@@ -13,7 +13,9 @@ Credentials are never printed, logged or stored.
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import logging
 import os
 import random
 import time
@@ -22,49 +24,120 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-from ..errors import LiferaftError, VaultUnreachable
+from ..errors import BadVaultURL, LiferaftError, VaultUnreachable
 from .base import Backend, BackendError, Capabilities, ObjectExists, ObjectInfo, ObjectNotFound
 from .fsspec_backend import _mtime
 
 T = TypeVar("T")
 
 DEFAULT_DEADLINE = 120.0
-PART_SIZE = 8 << 20  # multipart / resumable part size for large objects
+PART_SIZE = 32 << 20  # S3: objects under 64 MiB (every pack) go up in one PUT; larger ones in 32 MiB parts
+GCS_RESUMABLE_FROM = 64 << 20  # GCS: smaller objects (every pack) go up in one request
+CONNECT_TIMEOUT = 10
+PROBE_PREFIX = "locks/.probe-"  # the create-only probe's objects: never listed
+READ_TIMEOUT = 60  # seconds without a byte from the server: the attempt fails and is retried
 
 
-class CredentialsError(LiferaftError):
+class StoreError(BackendError, LiferaftError):
+    """A store operation failed for good: one line for the user, caught as a BackendError below."""
+
+    def __init__(self, what: str, fix: str | None = None) -> None:
+        LiferaftError.__init__(self, what, fix)
+
+
+class CredentialsError(StoreError):
     """The store refused our credentials (or we have none)."""
 
 
-class BucketNotFound(LiferaftError):
+class BucketNotFound(StoreError):
     """The bucket in the vault URL does not exist."""
+
+
+class StoreUnreachable(StoreError, VaultUnreachable):
+    """Transient failures went on past the retry deadline."""
+
+
+# Failures worth another try, by class name anywhere in the exception's MRO (so that
+# botocore, aiohttp, requests and google-auth need not be imported to classify them).
+_TRANSIENT_CLASSES = frozenset(
+    {
+        # botocore
+        "HTTPClientError",
+        "ConnectionClosedError",
+        "EndpointConnectionError",
+        "ReadTimeoutError",
+        "ConnectTimeoutError",
+        "IncompleteReadError",
+        "ResponseStreamingError",
+        "ProxyConnectionError",
+        # aiohttp
+        "ClientConnectionError",
+        "ClientPayloadError",
+        "ServerDisconnectedError",
+        "ClientOSError",
+        "ServerTimeoutError",
+        # requests / urllib3 (gcsfs raises requests' ProxyError for a 502)
+        "ChunkedEncodingError",
+        "ProxyError",
+        "ReadTimeout",
+        "ConnectTimeout",
+        "ProtocolError",
+        # gcsfs
+        "ChecksumError",
+    }
+)
+_TRANSIENT_CODES = ("SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling", "RequestLimitExceeded")
+
+
+def _status(err: BaseException) -> int | None:
+    for attr in ("code", "status"):
+        value = getattr(err, attr, None)
+        if isinstance(value, int):
+            return value
+    response = getattr(err, "response", None)  # botocore ClientError
+    if isinstance(response, dict):
+        value = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def _is_transient(err: BaseException) -> bool:
     """Worth another try: connection trouble, timeouts, throttling, server errors."""
     if isinstance(err, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
-    if isinstance(err, (ConnectionError, TimeoutError)):
+    if isinstance(err, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
         return True
-    status = getattr(err, "code", None) or getattr(err, "status", None)
-    if isinstance(status, int):
-        return status == 429 or status == 408 or status >= 500
-    name = type(err).__name__
-    module = type(err).__module__ or ""
-    if module.startswith(("aiohttp", "botocore", "urllib3", "requests", "asyncio", "http")):
+    if {c.__name__ for c in type(err).__mro__} & _TRANSIENT_CLASSES:
         return True
-    if name in ("ChecksumError", "IncompleteReadError", "ReadTimeoutError", "ResponseStreamingError"):
-        return True
+    status = _status(err)
+    if status is not None and status >= 100:
+        return status in (408, 429) or status >= 500
+    if type(err).__name__ == "RefreshError":  # google-auth could not refresh a token: network, or bad key
+        return not _is_credentials(err)
     if isinstance(err, OSError):
-        text = str(err)
         if err.errno in (errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH):
             return True
         # s3fs and gcsfs wrap server errors into plain OSErrors with the message only.
+        text = str(err)
         return any(
             word in text
-            for word in ("Internal", "ServiceUnavailable", "SlowDown", "503", "500", "502", "504", "429", "Timeout", "reset", "Connection")
+            for word in (*_TRANSIENT_CODES, "503", "500", "502", "504", "429", "Timeout", "timed out", "reset by peer", "Connection")
         )
     return False
+
+
+def _from_the_store(err: BaseException) -> bool:
+    """An answer from the store or its client library (not a bug such as a TypeError)."""
+    if isinstance(err, (OSError, ValueError)):
+        return True
+    module = type(err).__module__ or ""
+    return module.split(".", 1)[0] in ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "aiohttp", "requests", "urllib3")
+
+
+def _is_range_past_end(err: BaseException) -> bool:
+    """A ranged read that starts at or past the end of the object (HTTP 416)."""
+    return _status(err) == 416 or "InvalidRange" in str(err) or "range is not satisfiable" in str(err)
 
 
 class ObjectStoreBackend(Backend):
@@ -75,37 +148,52 @@ class ObjectStoreBackend(Backend):
         self.scheme = "gcs" if parsed.scheme in ("gs", "gcs") else "s3"
         self.bucket = parsed.netloc
         if not self.bucket:
-            from ..errors import BadVaultURL
-
             raise BadVaultURL(f"no bucket in {url!r}", f"write {parsed.scheme}://BUCKET/prefix")
         self.prefix = parsed.path.strip("/")
         self.root = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
         self.url = url
-        env_deadline = os.environ.get("LIFERAFT_RETRY_DEADLINE")
-        self.deadline = float(deadline if deadline is not None else options.pop("retry_deadline", env_deadline or DEFAULT_DEADLINE))
+        self.deadline = _deadline(deadline if deadline is not None else options.pop("retry_deadline", None))
         self._create_only: bool | None = options.pop("create_only", None)
-        self.endpoint = None
+        self._bucket_seen = False  # a GCS 404 does not say whether the object or the bucket is missing
+        self.endpoint: str | None = None
         self.fs = self._make_fs(options)
 
     # ------------------------------------------------------------ setup
 
     def _make_fs(self, options: dict[str, Any]) -> Any:
         if self.scheme == "gcs":
-            # The core client, not gcsfs's experimental zonal/HNS one (which probes each
-            # bucket over gRPC first): the one the tests run against a real-protocol server.
-            from gcsfs.core import GCSFileSystem
-
             opts = dict(options)
             emulator = os.environ.get("STORAGE_EMULATOR_HOST")
             if emulator:
-                self.endpoint = emulator
+                if "://" not in emulator:
+                    emulator = f"http://{emulator}"
+                self.endpoint = opts.setdefault("endpoint_url", emulator)  # also keys fsspec's instance cache
                 opts.setdefault("token", "anon")
             else:
-                opts.setdefault("token", gcs_token())
-            return GCSFileSystem(**opts)
+                self.endpoint = opts.get("endpoint_url")
+                if "token" not in opts:
+                    opts["token"] = gcs_token()
+            opts.setdefault("requests_timeout", _aiohttp_timeout())
+            opts.setdefault("use_listings_cache", False)  # see the S3 case below
+            _quiet_library_logs("gcsfs")
+            try:
+                return _gcs_class()(**opts)
+            except LiferaftError:
+                raise
+            except Exception as err:  # a key file that is not one, a bad token
+                token = opts.get("token")
+                source = f"the key file {token!r}" if isinstance(token, str) and os.path.isfile(token) else "the configured token"
+                raise CredentialsError(
+                    f"{self.url}: GCS credentials cannot be loaded from {source} ({type(err).__name__}: {_clean(err)})",
+                    self._credentials_hint(),
+                ) from None
         import s3fs
 
         opts = dict(options)
+        # No listings cache: other machines write to the vault, and s3fs answers info() (and
+        # so a whole-object cat_file) from a cached listing of the folder, which would call
+        # an object another writer added since "not found", i.e. a missing pack.
+        opts.setdefault("use_listings_cache", False)
         client = dict(opts.pop("client_kwargs", {}) or {})
         endpoint = (
             opts.pop("endpoint_url", None)
@@ -116,13 +204,14 @@ class ObjectStoreBackend(Backend):
         if endpoint:
             client["endpoint_url"] = endpoint
             self.endpoint = endpoint
-        if "region_name" not in client and not os.environ.get("AWS_REGION") and not os.environ.get("AWS_DEFAULT_REGION"):
-            client["region_name"] = "us-east-1"
+        if endpoint and "region_name" not in client and not os.environ.get("AWS_REGION") and not os.environ.get("AWS_DEFAULT_REGION"):
+            client["region_name"] = "us-east-1"  # S3-compatible stores want a region, any region; AWS finds its own
         config = dict(opts.pop("config_kwargs", {}) or {})
         # Our own retry loop owns the deadline; let botocore try only twice per call.
         config.setdefault("retries", {"max_attempts": 2, "mode": "standard"})
-        config.setdefault("connect_timeout", 10)
-        config.setdefault("read_timeout", 60)
+        config.setdefault("connect_timeout", CONNECT_TIMEOUT)
+        config.setdefault("read_timeout", READ_TIMEOUT)
+        _quiet_library_logs("s3fs")
         if endpoint:
             # S3-compatible servers (R2, MinIO, B2, rclone) often lack the new default
             # checksums; every byte is checked against its BLAKE3 hash anyway.
@@ -142,7 +231,7 @@ class ObjectStoreBackend(Backend):
         """AWS S3 and GCS honour create-only writes; an unknown S3 endpoint is tested."""
         if self.scheme == "gcs" or not self.endpoint:
             return True
-        name = f"locks/.probe-{uuid.uuid4().hex}"
+        name = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
         self._put_raw(name, b"1", create=True)
         try:
             self._put_raw(name, b"2", create=True)
@@ -163,6 +252,7 @@ class ObjectStoreBackend(Backend):
         return f"{self.root}/{name}" if name else self.root
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn``; retry transient failures with full-jitter backoff until the deadline."""
         start = time.monotonic()
         attempt = 0
         while True:
@@ -181,30 +271,66 @@ class ObjectStoreBackend(Backend):
             except (BackendError, LiferaftError):
                 raise
             except Exception as err:
-                if not _is_transient(err) and not _is_credentials(err):
-                    raise
                 if _is_credentials(err):
-                    raise CredentialsError(
-                        f"{self.url}: credentials rejected while {what} ({_clean(err)})", self._credentials_hint()
+                    verdict = "found no credentials" if "locate credentials" in str(err) else "credentials rejected"
+                    raise CredentialsError(f"{self.url}: {verdict} while {what} ({_clean(err)})", self._credentials_hint()) from None
+                if _is_missing_bucket_text(str(err)):
+                    self._raise_missing_bucket(err)
+                if not _is_transient(err):
+                    if not _from_the_store(err):
+                        raise  # a bug of ours or of a client library: keep its traceback
+                    raise StoreError(
+                        f"{self.url}: the store refused {what} ({_clean(err)})",
+                        "check the vault URL and the store's settings; committed snapshots are intact",
                     ) from None
                 attempt += 1
                 elapsed = time.monotonic() - start
                 delay = random.uniform(0, min(8.0, 0.25 * 2**attempt))  # full jitter
                 if elapsed + delay > self.deadline:
                     where = f" at {self.endpoint}" if self.endpoint else ""
-                    raise VaultUnreachable(
+                    raise StoreUnreachable(
                         f"{self.url}{where}: {what} still failing after {attempt} tries in {elapsed:.0f}s ({_clean(err)})",
-                        "check the network and the endpoint; committed snapshots are intact",
+                        "check the network and the endpoint (LIFERAFT_RETRY_DEADLINE sets how long to retry); committed snapshots are intact",
                     ) from None
                 time.sleep(delay)
 
-    def _raise_missing_bucket(self, err: BaseException) -> None:
-        text = str(err)
-        if "bucket" in text.lower() and ("not exist" in text or "NoSuchBucket" in text or "not found" in text.lower()):
+    def _raise_missing_bucket(self, err: BaseException | None = None) -> None:
+        """Raise BucketNotFound when ``err`` says so, or (GCS, whose 404 does not) when the bucket is gone."""
+        if err is not None and _is_missing_bucket_text(str(err)):
+            missing = True
+        elif self.scheme == "gcs" and not self._bucket_seen:
+            missing = not self._bucket_exists()
+        else:
+            missing = False
+        if missing:
             raise BucketNotFound(
                 f"bucket {self.bucket!r} does not exist" + (f" at {self.endpoint}" if self.endpoint else ""),
                 f"create it (e.g. {'gcloud storage buckets create gs://' if self.scheme == 'gcs' else 'aws s3 mb s3://'}{self.bucket}) or fix the vault URL",
             ) from None
+
+    def _bucket_exists(self) -> bool:
+        def check() -> bool:
+            if self.scheme == "gcs":
+                try:
+                    self.fs.call("GET", "b/{}", self.bucket, json_out=True)
+                except FileNotFoundError:
+                    return False
+                return True
+            return bool(self.fs.exists(self.bucket))
+
+        start = time.monotonic()
+        while True:  # not through _retry: its not-found handling calls us
+            try:
+                found = check()
+                break
+            except Exception as err:
+                if _is_credentials(err) or isinstance(err, PermissionError):
+                    return True  # the bucket may exist; the caller's own error says more
+                if not _is_transient(err) or time.monotonic() - start > self.deadline:
+                    return True
+                time.sleep(random.uniform(0, 0.5))
+        self._bucket_seen = found
+        return found
 
     def _credentials_hint(self) -> str:
         if self.scheme == "gcs":
@@ -217,7 +343,8 @@ class ObjectStoreBackend(Backend):
         path = self._path(name)
         mode = "create" if create else "overwrite"
         self._retry(
-            f"writing {name}", lambda: self.fs.pipe_file(path, data, mode=mode, chunksize=PART_SIZE if self.scheme == "s3" else 64 << 20)
+            f"writing {name}",
+            lambda: self.fs.pipe_file(path, data, mode=mode, chunksize=PART_SIZE if self.scheme == "s3" else GCS_RESUMABLE_FROM),
         )
 
     def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
@@ -243,7 +370,19 @@ class ObjectStoreBackend(Backend):
         end = None if length is None else offset + length
         if length == 0:
             return b""
-        return bytes(self._retry(f"reading {name}", lambda: self.fs.cat_file(path, start=offset or None, end=end)))
+
+        def read() -> bytes:
+            try:
+                return bytes(self.fs.cat_file(path, start=offset or None, end=end))
+            except Exception as err:
+                if offset and _is_range_past_end(err):
+                    return b""  # like a file read at its end: the caller sees a short read
+                raise
+
+        data = self._retry(f"reading {name}", read)
+        if length is not None and len(data) > length:
+            raise StoreError(f"{self.url}: the store returned {len(data)} bytes for a {length}-byte range of {name}", "report this store")
+        return data
 
     def stat(self, name: str) -> ObjectInfo:
         path = self._path(name)
@@ -256,18 +395,20 @@ class ObjectStoreBackend(Backend):
         base = self._path(prefix.rstrip("/")) if prefix else self.root
 
         def find() -> dict[str, Any]:
-            self.fs.invalidate_cache(base)
             return self.fs.find(base, detail=True)
 
         try:
             found = self._retry(f"listing {prefix or '/'}", find)
         except ObjectNotFound:
-            return
+            found = {}
+        if not found and self.scheme == "gcs" and not self._bucket_seen:
+            self._raise_missing_bucket()  # gcsfs lists a missing bucket as empty
         cut = len(self.root) + 1
         for path, info in sorted(found.items()):
-            if info.get("type") == "directory":
-                continue
-            yield ObjectInfo(path[cut:], int(info.get("size") or 0), _mtime(info))
+            name = path[cut:]
+            if info.get("type") == "directory" or name.startswith(PROBE_PREFIX):
+                continue  # a probe left by a writer killed while probing is not vault content
+            yield ObjectInfo(name, int(info.get("size") or 0), _mtime(info))
 
     def delete(self, name: str) -> None:
         path = self._path(name)
@@ -283,7 +424,7 @@ class ObjectStoreBackend(Backend):
         return True
 
     def exists_location(self) -> bool:
-        return bool(self._retry("checking the bucket", lambda: self.fs.exists(self.bucket)))
+        return self._bucket_seen or self._bucket_exists()
 
     def is_empty(self) -> bool:
         return next(iter(self.list("")), None) is None
@@ -291,9 +432,11 @@ class ObjectStoreBackend(Backend):
 
 def _is_credentials(err: BaseException) -> bool:
     text = str(err)
-    status = getattr(err, "code", None) or getattr(err, "status", None)
+    status = _status(err)
     if status in (401, 403):
-        return "Invalid Credentials" not in text  # gcsfs retries an expired token itself
+        return "Invalid Credentials" not in text  # an expired GCS token: refreshed on the next try
+    if type(err).__name__ in ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"):
+        return True
     return any(
         w in text
         for w in (
@@ -301,10 +444,74 @@ def _is_credentials(err: BaseException) -> bool:
             "SignatureDoesNotMatch",
             "AccessDenied",
             "Forbidden",
-            "NoCredentialsError",
             "Unable to locate credentials",
+            "invalid_grant",
+            "invalid_client",
+            "Could not automatically determine credentials",
         )
     )
+
+
+def _is_missing_bucket_text(text: str) -> bool:
+    low = text.lower()
+    return "nosuchbucket" in low or ("bucket" in low and ("not exist" in low or "not found" in low))
+
+
+def _deadline(value: Any) -> float:
+    """The retry deadline in seconds: an option, else LIFERAFT_RETRY_DEADLINE, else the default."""
+    source = "retry_deadline"
+    if value is None:
+        value, source = os.environ.get("LIFERAFT_RETRY_DEADLINE") or DEFAULT_DEADLINE, "LIFERAFT_RETRY_DEADLINE"
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not seconds >= 0 or seconds == float("inf"):
+        raise LiferaftError(f"{source} must be a number of seconds, not {value!r}", f"e.g. {source}=120")
+    return seconds
+
+
+def _aiohttp_timeout() -> Any:
+    """Per-request limits for gcsfs (its default is a 5-minute total): connect, then silence."""
+    import aiohttp
+
+    return aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT)
+
+
+def _quiet_library_logs(name: str) -> None:
+    """gcsfs logs every exhausted retry with a traceback; with no handler anywhere, Python's
+    last-resort handler would print it. A NullHandler (what libraries should add) stops that
+    and still lets an application that configures logging see the records."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+        logger.addHandler(logging.NullHandler())
+
+
+_GCS_CLASS: Any = None
+
+
+def _gcs_class() -> Any:
+    """gcsfs's core client (not its experimental zonal/HNS one, which probes each bucket over
+    gRPC first), with its own retry loop cut to one retry: ours keeps the deadline. Its stock
+    loop sleeps 1+2+4+8+16 s on a dead endpoint before we would even see the error."""
+    global _GCS_CLASS
+    if _GCS_CLASS is None:
+        from gcsfs.core import GCSFileSystem
+
+        cls = GCSFileSystem
+        try:
+            from gcsfs.retry import retry_request
+
+            inner = GCSFileSystem._request.__wrapped__
+
+            class BoundedRetryGCSFileSystem(GCSFileSystem):  # type: ignore[misc, valid-type]
+                _request = retry_request(retries=2)(inner)  # one retry: an expired token is refreshed
+
+            cls = BoundedRetryGCSFileSystem
+        except (ImportError, AttributeError, TypeError):  # pragma: no cover - other gcsfs versions
+            pass
+        _GCS_CLASS = cls
+    return _GCS_CLASS
 
 
 def _clean(err: BaseException) -> str:
@@ -318,8 +525,15 @@ def _clean(err: BaseException) -> str:
 
 def gcs_token() -> Any:
     """GCS credentials: Colab's user auth, application default credentials, or a key file."""
-    if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
-        return os.environ["GOOGLE_APPLICATION_CREDENTIALS"]
+    key_file = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+    if key_file:
+        if not os.path.isfile(key_file):
+            # gcsfs would take a path that is not a file for a raw token.
+            raise CredentialsError(
+                f"GOOGLE_APPLICATION_CREDENTIALS names {key_file!r}, which is not a file",
+                "point it at a service-account key file, or unset it to use application default credentials",
+            )
+        return key_file
     try:
         import google.colab  # type: ignore[import-not-found]
     except ImportError:

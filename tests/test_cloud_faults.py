@@ -1,0 +1,137 @@
+"""A faulty network between liferaft and each real-protocol server.
+
+``servers.FaultProxy`` (a TCP proxy written for these tests, on 127.0.0.1 only) drops
+connections mid-upload, truncates them mid-download, stalls them and refuses them, on a
+seeded plan. Through it, a snapshot either commits after retries or fails with one clear
+LiferaftError; a restore returns the exact bytes or fails clearly (never wrong bytes,
+never a fallback to an older snapshot because of the network); and afterwards, reached
+directly, the vault verifies with every byte read.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+import liferaft
+from conftest import make_tree, tree_state
+from liferaft.errors import LiferaftError, VaultUnreachable
+from servers import KINDS, Fault, FaultPlan, FaultProxy, StoreServer
+from test_cloud_crash import small_pack_vault
+
+SEED = int(os.environ.get("LIFERAFT_FAULT_SEED", "2029"))
+
+
+@pytest.fixture(params=KINDS)
+def server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> StoreServer:
+    srv: StoreServer = request.getfixturevalue(f"{request.param}_server")
+    srv.apply(monkeypatch)
+    return srv
+
+
+def _clear(err: LiferaftError) -> str:
+    text = str(err)
+    assert text and "\n" not in text and "Traceback" not in text, text
+    return text
+
+
+@pytest.mark.slow
+def test_snapshot_and_restore_through_a_faulty_network(server: StoreServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    url = server.vault_url()
+    small_pack_vault(url)  # ~1.4 MiB packs: every snapshot is several uploads to break
+    monkeypatch.setenv("LIFERAFT_RETRY_DEADLINE", "30")
+    rng = random.Random(f"{SEED}-{server.kind}")
+    work = make_tree(tmp_path / "work", {f"small/{i}.txt": rng.randbytes(2000) for i in range(20)})
+    committed: dict[str, dict] = {}
+    failures: list[str] = []
+    # Clients keep connections alive (gcsfs few, for long), so most connections are planned
+    # to break somewhere in their first 4 MiB; one that carries less passes unharmed.
+    plan = FaultPlan(SEED, p=0.7, max_faults=14, max_after=4 << 20, stall=1.0)
+    with FaultProxy(server.port, plan, lifetime=240) as proxy:
+        server.apply(monkeypatch, proxy.endpoint)
+        vault = liferaft.Vault(url)
+        for step in range(4):
+            (work / f"ckpt-{step}.bin").write_bytes(rng.randbytes(3 << 20))
+            (work / "small" / f"{step}.txt").write_text(f"step {step}")
+            state = tree_state(work)
+            try:
+                snap = vault.snapshot([work], run="r", step=step)
+            except LiferaftError as err:  # allowed: one clear line, previous state intact
+                failures.append(_clear(err))
+                continue
+            committed[snap.id] = state
+        struck_writing = sum(proxy.struck.values())
+    assert struck_writing >= 3, f"the proxy broke too little to prove anything: {proxy.struck}"
+    assert committed, f"no snapshot got through: {failures}"
+
+    # Restores through a network that drops and truncates downloads.
+    plan = FaultPlan(SEED + 1, p=0.7, max_faults=10, kinds=("truncate", "drop", "stall_down", "refuse"), max_after=2 << 20, stall=1.0)
+    with FaultProxy(server.port, plan, lifetime=240) as proxy:
+        server.apply(monkeypatch, proxy.endpoint)
+        for i, (sid, state) in enumerate(committed.items()):
+            target = tmp_path / f"via-proxy-{i}"
+            try:
+                result = liferaft.Vault(url).restore(sid, to=target)
+            except LiferaftError as err:
+                _clear(err)
+                assert not any(p.is_file() for p in target.rglob("*")), "a failed restore left files"
+                continue
+            assert result is not None and not result.fallbacks
+            assert tree_state(target / "work") == state, "restore through faults returned wrong bytes"
+        newest = list(committed)[-1]
+        result = liferaft.Vault(url).restore(run="r", to=tmp_path / "newest")
+        assert result is not None and result.snapshot.id == newest and not result.fallbacks
+        assert tree_state(tmp_path / "newest" / "work") == committed[newest]
+    assert sum(proxy.struck.values()) >= 2, f"restores were not disturbed: {proxy.struck}"
+
+    # Reached directly: whole, every committed snapshot there, every byte verified.
+    server.apply(monkeypatch)
+    vault = liferaft.Vault(url)
+    assert set(committed) <= {s.id for s in vault.snapshots()}
+    report = vault.verify(read_data=True)
+    assert report.ok, report.damage
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "mode"), [("moto", "drop"), ("rclone", "stall"), ("gcs", "drop"), ("gcs", "stall")])
+def test_a_network_that_never_recovers_fails_clearly_within_the_deadline(
+    kind: str, mode: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Options from liferaft.toml: a 3 s retry deadline and 2 s client timeouts."""
+    server: StoreServer = request.getfixturevalue(f"{kind}_server")
+    server.apply(monkeypatch)
+    url = server.vault_url()
+    small_pack_vault(url)
+    work = make_tree(tmp_path / "work", {"model.bin": os.urandom(2 << 20), "notes.txt": "v1"})
+    first = liferaft.Vault(url).snapshot([work], run="r", step=1)
+    state = tree_state(work)
+    (work / "model.bin").write_bytes(os.urandom(2 << 20))
+    timeouts = "requests_timeout = 2" if server.kind == "gcs" else "config_kwargs = { read_timeout = 2, connect_timeout = 2 }"
+    (tmp_path / "liferaft.toml").write_text(f'[vault]\nurl = "{url}"\n\n[vault.options]\nretry_deadline = 3\n{timeouts}\n')
+    monkeypatch.chdir(tmp_path)
+    # drop: every connection is cut once 64 KiB went up (small requests pass, packs never);
+    # stall: every response is withheld for 30 s (the proxy's bound), so only timeouts help.
+    fault = Fault("drop", after=64 << 10) if mode == "drop" else Fault("stall_down", after=0, stall=30.0)
+    with FaultProxy(server.port, lambda _conn: fault, lifetime=120) as proxy:
+        server.apply(monkeypatch, proxy.endpoint)
+        started = time.monotonic()
+        with pytest.raises(VaultUnreachable) as info:
+            vault = liferaft.Vault()
+            assert vault.url == url and vault.choice.options["retry_deadline"] == 3
+            vault.snapshot([work], run="r", step=2)
+        elapsed = time.monotonic() - started
+        assert sum(proxy.struck.values()) >= 1
+    text = _clear(info.value)
+    assert "still failing" in text and "committed snapshots are intact" in text
+    assert elapsed < 25, f"gave up after {elapsed:.0f}s, not within the 3 s deadline (plus one attempt)"
+
+    server.apply(monkeypatch)
+    vault = liferaft.Vault(url)
+    assert [s.id for s in vault.snapshots()] == [first.id]
+    assert vault.verify(read_data=True).ok
+    vault.restore(first.id, to=tmp_path / "back")
+    assert tree_state(tmp_path / "back" / "work") == state
