@@ -188,3 +188,16 @@ def test_readme_test_command_is_what_ci_runs() -> None:
     assert len(commands) == 2
     assert commands[1] in ci
     assert "demo" in commands[0]
+
+
+def test_toml_options_apply_when_the_same_url_comes_from_the_flag(tmp_path: Path) -> None:
+    from liferaft.config import resolve_vault
+
+    (tmp_path / "liferaft.toml").write_text('[vault]\nurl = "s3://bkt/v"\n[vault.options]\nretry_deadline = 7\n')
+    assert resolve_vault(None, tmp_path).options == {"retry_deadline": 7}
+    assert resolve_vault("s3://bkt/v", tmp_path).options == {"retry_deadline": 7}
+    assert resolve_vault("s3://other/v", tmp_path).options == {}
+
+
+def test_flush_on_plain_folders_is_a_no_op(tmp_path: Path) -> None:
+    assert liferaft.Vault(tmp_path / "v").flush() is True

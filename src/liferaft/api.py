@@ -219,6 +219,20 @@ class Vault:
         """Delete stored data that no snapshot needs (never what a running writer uses)."""
         return maintenance.prune(self.repository(), wait=wait)
 
+    def flush(self, *, unmount: bool = False) -> bool:
+        """Push written data toward the store; True when it is known to be durable there.
+
+        Folders and buckets are durable when a call returns. On a Google Drive mount
+        uploads are lazy: ``flush(unmount=True)`` on Colab runs
+        ``drive.flush_and_unmount()``, the only way to know every byte reached Drive.
+
+        >>> vault.flush(unmount=True)   # at the end of a Colab session  # doctest: +SKIP
+        """
+        flush = getattr(self.backend, "flush", None)
+        if flush is None:
+            return True
+        return bool(flush(unmount=unmount))
+
     def stats(self) -> dict[str, Any]:
         repo = self._readable()
         if repo is None:

@@ -61,11 +61,21 @@ def project_settings(start: Path | None = None) -> tuple[Path | None, dict[str, 
 
 
 def resolve_vault(explicit: str | os.PathLike[str] | None = None, cwd: Path | None = None) -> VaultChoice:
+    toml = _toml_vault(cwd)
     if explicit is not None and os.fspath(explicit) != "":
-        return VaultChoice(os.fspath(explicit), "--vault")
+        url = os.fspath(explicit)
+        return VaultChoice(url, "--vault", toml.options if toml and toml.url == url else {})
     env = os.environ.get("LIFERAFT_VAULT")
     if env:
-        return VaultChoice(env, "LIFERAFT_VAULT")
+        return VaultChoice(env, "LIFERAFT_VAULT", toml.options if toml and toml.url == env else {})
+    if toml is not None:
+        return toml
+    return VaultChoice(str(default_vault_dir()), "default")
+
+
+def _toml_vault(cwd: Path | None) -> VaultChoice | None:
+    """The vault a liferaft.toml names, with its store options (they also apply when the
+    same URL comes from --vault or LIFERAFT_VAULT)."""
     path, settings = project_settings(cwd)
     if path is not None:
         value = settings.get("vault")
@@ -79,7 +89,7 @@ def resolve_vault(explicit: str | os.PathLike[str] | None = None, cwd: Path | No
             if "://" not in value and not os.path.isabs(os.path.expanduser(value)):
                 value = str((path.parent / value).absolute())  # relative to the toml file
             return VaultChoice(os.path.expanduser(value), str(path), dict(options))
-    return VaultChoice(str(default_vault_dir()), "default")
+    return None
 
 
 def default_run_name(cwd: Path | None = None) -> str:

