@@ -28,7 +28,7 @@ import pytest
 import liferaft
 from conftest import make_tree, tree_state
 from liferaft.backends import Backend, open_backend
-from liferaft.vault import maintenance, repository
+from liferaft.vault import repository
 from liferaft.vault.repository import Repository
 from servers import KINDS, StoreServer
 
@@ -154,7 +154,6 @@ def test_snapshot_killed_mid_commit_leaves_the_last_commit_and_prunable_garbage(
     dead = [o.name for o in backend.list("locks/") if o.name.startswith("locks/session-")]
     assert dead, "killed writers leave their sessions"
     monkeypatch.setattr(repository, "STALE_AFTER", 1.0)
-    monkeypatch.setattr(maintenance, "STALE_AFTER", 1.0)
     time.sleep(1.1)
     report = liferaft.Vault(url).prune(wait=0)
     assert not report.waiting_on, report
