@@ -27,7 +27,7 @@ from . import format as fmt
 from .repository import Repository, SnapshotInfo
 from .statcache import StatCache, stat_key
 
-SEGMENT = 16 << 20
+SEGMENT = 8 << 20
 GAP = 1 << 20
 _CREATE = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
@@ -159,7 +159,7 @@ def restore_snapshot(
     targets: Mapping[str, str | os.PathLike[str]] | None = None,
     only: Collection[str] | None = None,
     progress: Progress | None = None,
-    workers: int = 4,
+    workers: int = min(4, os.cpu_count() or 2),
     update_cache: bool = True,
 ) -> RestoreResult:
     """Restore ``snap`` into ``to`` (each saved path as ``to/NAME``) or back where it was.
