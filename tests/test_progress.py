@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 import liferaft
@@ -36,3 +40,63 @@ def test_small_work_shows_no_bar(tmp_path: Path) -> None:
         [make_tree(tmp_path / "d", {"f": "x"})], run="r", progress=RichProgress(console=_console(buf))
     )
     assert buf.getvalue() == ""
+
+
+def _run_in_kernel(code: str, timeout: float = 90) -> list[tuple[str, str]]:
+    """Execute code in a real Jupyter kernel; return (message type, text) of its outputs."""
+    jupyter_client = pytest.importorskip("jupyter_client")
+    pytest.importorskip("ipykernel")
+    km, kc = jupyter_client.manager.start_new_kernel(kernel_name="python3")
+    out: list[tuple[str, str]] = []
+    try:
+        msg_id = kc.execute(code)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = kc.get_iopub_msg(timeout=timeout)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind in ("display_data", "update_display_data"):
+                out.append((kind, " ".join(content["data"])))
+            elif kind == "stream":
+                out.append((kind, content["text"]))
+            elif kind == "error":
+                out.append((kind, f"{content['ename']}: {content['evalue']}"))
+            elif kind == "status" and content["execution_state"] == "idle":
+                break
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    return out
+
+
+def _notebook_snapshot(tmp_path: Path, hide_widgets: bool) -> str:
+    hide = "import sys; sys.modules['ipywidgets'] = None\n" if hide_widgets else ""
+    return (
+        hide
+        + f"import os, liferaft\nos.makedirs({str(tmp_path / 'src')!r}, exist_ok=True)\n"
+        + f"for i in range(3): open(os.path.join({str(tmp_path / 'src')!r}, f'f{{i}}'), 'wb').write(os.urandom(12 << 20))\n"
+        + f"liferaft.Vault({str(tmp_path / 'vault')!r}).snapshot([{str(tmp_path / 'src')!r}], run='nb')\nprint('done')\n"
+    )
+
+
+def test_progress_in_a_real_jupyter_kernel_with_widgets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("ipywidgets")
+    out = _run_in_kernel(_notebook_snapshot(tmp_path, hide_widgets=False))
+    assert ("stream", "done\n") in out, out
+    assert not [o for o in out if o[0] == "error" or "UserWarning" in o[1]], out
+    assert any("application/vnd.jupyter.widget-view+json" in text for kind, text in out if kind == "display_data"), out
+
+
+def test_progress_in_a_real_jupyter_kernel_without_widgets(tmp_path: Path) -> None:
+    out = _run_in_kernel(_notebook_snapshot(tmp_path, hide_widgets=True))
+    text = "".join(t for kind, t in out if kind == "stream")
+    assert "snapshot: " in text and "3/3 files" in text and "done in" in text, out
+    assert not [o for o in out if o[0] == "error"], out
+
+
+def test_scripts_stay_silent_by_default(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "d", {f"f{i}": os.urandom(12 << 20) for i in range(3)})
+    code = f"import liferaft; liferaft.Vault({str(tmp_path / 'v')!r}).snapshot([{str(src)!r}], run='s')"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == "", r

@@ -10,7 +10,7 @@ from typing import Any
 from .backends import open_backend
 from .config import VaultChoice, default_run_name, resolve_vault
 from .errors import SnapshotNotFound, VaultCorrupt, VaultNotFound
-from .progress import Progress
+from .progress import Progress, auto_progress
 from .vault import maintenance
 from .vault.format import Entry
 from .vault.maintenance import PruneReport, VerifyReport
@@ -104,7 +104,7 @@ class Vault:
             step=step,
             tags=tags,
             metrics=metrics,
-            progress=progress,
+            progress=progress if progress is not None else auto_progress(),
             include_secrets=include_secrets,
             skip_unchanged=skip_unchanged,
             use_cache=use_cache,
@@ -144,6 +144,7 @@ class Vault:
 
         >>> vault.restore(run="mnist", to="/content/work")    # doctest: +SKIP
         """
+        progress = progress if progress is not None else auto_progress()
         repo = self._readable(missing_ok=snapshot is None)
         if repo is None:
             if snapshot is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from typing import Any
 
 
@@ -67,6 +69,71 @@ class RichProgress(Progress):
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+class TextProgress(Progress):
+    """A line every few seconds: for Jupyter without ipywidgets, and logs."""
+
+    def __init__(self, stream: Any = None, every: float = 5.0, min_bytes: int = 32 << 20, min_files: int = 2000) -> None:
+        self.stream = stream or sys.stdout
+        self.every = every
+        self.min_bytes = min_bytes
+        self.min_files = min_files
+        self._active = False
+
+    def start(self, what: str, files: int, nbytes: int) -> None:
+        self._active = nbytes >= self.min_bytes or files >= self.min_files
+        self.what, self.files_total, self.bytes_total = what, files, nbytes
+        self.files = self.nbytes = 0
+        self.t0 = self.last = time.monotonic()
+        if self._active:
+            self._line()
+
+    def advance(self, files: int = 0, nbytes: int = 0) -> None:
+        self.files += files
+        self.nbytes += nbytes
+        if self._active and time.monotonic() - self.last >= self.every:
+            self._line()
+
+    def finish(self) -> None:
+        if self._active:
+            self._line(done=True)
+        self._active = False
+
+    def _line(self, done: bool = False) -> None:
+        self.last = now = time.monotonic()
+        elapsed = max(now - self.t0, 1e-9)
+        rate = self.nbytes / elapsed
+        mib = 1 << 20
+        text = f"{self.what}: {self.nbytes / mib:.0f}/{self.bytes_total / mib:.0f} MiB, {self.files}/{self.files_total} files, {rate / mib:.0f} MiB/s"
+        if done:
+            text += f", done in {elapsed:.1f}s"
+        elif rate > 0 and self.bytes_total > self.nbytes:
+            text += f", ~{(self.bytes_total - self.nbytes) / rate:.0f}s left"
+        print(text, file=self.stream, flush=True)
+
+
+def in_jupyter() -> bool:
+    """Running in a Jupyter kernel (Colab and Kaggle included)."""
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
+        return False
+    shell = ipython.get_ipython()
+    return shell is not None and type(shell).__name__ in ("ZMQInteractiveShell", "Shell")  # Shell: Colab
+
+
+def auto_progress() -> Progress:
+    """What an API call shows when not told: a bar in a notebook's main thread, else nothing.
+
+    Scripts and background threads (the syncer, the Checkpointer) stay silent.
+    """
+    if threading.current_thread() is not threading.main_thread() or not in_jupyter():
+        return Progress()
+    try:
+        import ipywidgets  # noqa: F401  - rich draws live output in Jupyter through it
+    except ImportError:
+        return TextProgress()
+    return RichProgress()
 
 
 def default_progress(quiet: bool = False) -> Progress:
