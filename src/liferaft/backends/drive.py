@@ -191,20 +191,6 @@ class DriveMountBackend(LocalBackend):
         gens = self._generations(name)
         return gens[-1] if gens else None
 
-    def _write_temp(self, folder: Path, data: bytes | bytearray | memoryview) -> Path:
-        tmp = folder / f"{TMP_PREFIX}{secrets.token_hex(8)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            if self.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        return tmp
-
     # -- Backend
 
     def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
@@ -215,7 +201,8 @@ class DriveMountBackend(LocalBackend):
             raise ObjectExists(name)
         tmp: Path | None = None
         try:
-            tmp = self._write_temp(folder, data)
+            tmp = folder / f"{TMP_PREFIX}{secrets.token_hex(8)}"
+            self._write_temp(tmp, data)
             if overwrite:
                 stamp = f"{time.time_ns():020d}{secrets.token_hex(4)}"
                 older = self._generations(name)

@@ -63,6 +63,19 @@ class LocalBackend(Backend):
             _raise_os(err, str(folder))
         self._made.add(folder)
 
+    def _write_temp(self, tmp: Path, data: bytes | bytearray | memoryview) -> None:
+        """Write a fresh temp file whole, fsynced unless told not to."""
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
         final = self._path(name)
         folder = final.parent
@@ -71,16 +84,7 @@ class LocalBackend(Backend):
             raise ObjectExists(name)
         tmp = folder / f"{TMP_PREFIX}{secrets.token_hex(8)}"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
+            self._write_temp(tmp, data)
             if overwrite:
                 os.replace(tmp, final)
             else:
