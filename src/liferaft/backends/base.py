@@ -12,11 +12,20 @@ import abc
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ..errors import LiferaftError
+
 
 class BackendError(Exception):
     """A store operation failed; ``transient`` says whether a retry may help."""
 
     transient = False
+
+
+class StoreError(BackendError, LiferaftError):
+    """A store operation failed for good: one line for the user, caught as a BackendError below."""
+
+    def __init__(self, what: str, fix: str | None = None) -> None:
+        LiferaftError.__init__(self, what, fix)
 
 
 class ObjectExists(BackendError):

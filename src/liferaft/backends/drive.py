@@ -48,9 +48,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..errors import BadVaultURL, LiferaftError
-from .base import Capabilities, ObjectExists, ObjectInfo, ObjectNotFound
+from .base import Capabilities, ObjectExists, ObjectInfo, ObjectNotFound, StoreError
 from .local import TMP_PREFIX, LocalBackend, _fsync_dir, _raise_os
-from .objectstore import StoreError
 
 COLAB_MOUNT = "/content/drive"
 MOUNTS_ENV = "LIFERAFT_DRIVE_MOUNTS"

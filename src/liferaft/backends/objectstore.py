@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from ..errors import BadVaultURL, LiferaftError, VaultUnreachable
-from .base import Backend, BackendError, Capabilities, ObjectExists, ObjectInfo, ObjectNotFound
+from .base import Backend, BackendError, Capabilities, ObjectExists, ObjectInfo, ObjectNotFound, StoreError
 from .fsspec_backend import _mtime
 
 T = TypeVar("T")
@@ -36,13 +36,6 @@ GCS_RESUMABLE_FROM = 64 << 20  # GCS: smaller objects (every pack) go up in one 
 CONNECT_TIMEOUT = 10
 PROBE_PREFIX = "locks/.probe-"  # the create-only probe's objects: never listed
 READ_TIMEOUT = 60  # seconds without a byte from the server: the attempt fails and is retried
-
-
-class StoreError(BackendError, LiferaftError):
-    """A store operation failed for good: one line for the user, caught as a BackendError below."""
-
-    def __init__(self, what: str, fix: str | None = None) -> None:
-        LiferaftError.__init__(self, what, fix)
 
 
 class CredentialsError(StoreError):
