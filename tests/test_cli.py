@@ -168,6 +168,52 @@ def test_newer_format_is_refused_with_upgrade_hint(tmp_path: Path) -> None:
     _one_line_error(r, "format 99")
 
 
+@pytest.mark.parametrize(
+    "change",
+    [{"min": 32}, {"avg": 8 << 20}, {"max": 32 << 20}, {"min": 4096, "avg": 1024}, {"seed": -1}, {"seed": 1 << 63}, {"avg": "64k"}],
+)
+def test_chunker_parameters_the_chunker_refuses_are_refused_on_open(tmp_path: Path, change: dict[str, object]) -> None:
+    # The vault checks them itself (it no longer builds a chunker to open a vault): a
+    # value pyfastcdc would refuse must be named as damage, not crash a later snapshot.
+    vault = tmp_path / "vault"
+    work = make_tree(tmp_path / "w", {"f": "1"})
+    liferaft.Vault(vault).snapshot([work], run="r")
+    config = json.loads((vault / "config.json").read_text())
+    config["chunker"].update(change)
+    (vault / "config.json").write_text(json.dumps(config))
+    r = cli("--vault", str(vault), "snapshot", str(work), "--run", "r")
+    _one_line_error(r, "chunker parameters")
+
+
+def test_a_snapshot_command_loads_only_what_it_uses(tmp_path: Path) -> None:
+    # Start-up is most of an unchanged snapshot's time: a local snapshot with nothing new
+    # must not load maintenance, Drive or cloud clients, or the chunker.
+    work = make_tree(tmp_path / "w", {"f": "1", "d/g": "2"})
+    vault = tmp_path / "vault"
+    liferaft.Vault(vault).snapshot([work], run="r")
+    probe = (
+        "import sys, liferaft.cli\n"
+        f"sys.argv = ['liferaft', '--vault', {str(vault)!r}, '-q', 'snapshot', {str(work)!r}, '--run', 'r']\n"
+        "try:\n    liferaft.cli.main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env={**os.environ, "LIFERAFT_CACHE_DIR": str(tmp_path / "c")}
+    )
+    assert r.returncode == 0, r.stderr
+    loaded = set(r.stdout.split())
+    assert "liferaft.vault.snapshot" in loaded  # the probe did run a snapshot
+    for heavy in (
+        "liferaft.vault.maintenance",
+        "liferaft.backends.drive",
+        "liferaft.backends.objectstore",
+        "pyfastcdc",
+        "fsspec",
+        "socket",
+    ):
+        assert heavy not in loaded, f"{heavy} loaded by an unchanged local snapshot"
+
+
 def test_quiet_prints_nothing(tmp_path: Path) -> None:
     work = make_tree(tmp_path / "w", {"f": "1"})
     r = cli("--vault", str(tmp_path / "v"), "snapshot", str(work), "-q")

@@ -5,20 +5,37 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .backends import open_backend
 from .config import VaultChoice, default_run_name, resolve_vault
 from .errors import SnapshotNotFound, VaultCorrupt, VaultNotFound
 from .progress import Progress, auto_progress
-from .vault import maintenance
-from .vault.format import Entry
-from .vault.maintenance import PruneReport, VerifyReport
 from .vault.repository import Repository, SnapshotInfo
-from .vault.restore import RestoreResult, restore_snapshot
-from .vault.snapshot import take_snapshot
+
+if TYPE_CHECKING:
+    from .vault.format import Entry
+    from .vault.maintenance import PruneReport, VerifyReport
+    from .vault.restore import RestoreResult
 
 __all__ = ["Entry", "PruneReport", "RestoreResult", "SnapshotInfo", "Vault", "VerifyReport"]
+
+# Loaded on first use: a command that only snapshots (or restores) imports neither
+# maintenance nor the other half, which keeps `liferaft snapshot` quick to start.
+_LAZY = {
+    "Entry": "format",
+    "PruneReport": "maintenance",
+    "VerifyReport": "maintenance",
+    "RestoreResult": "restore",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".vault.{_LAZY[name]}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 CHECKPOINT_TAG = ("liferaft.kind", "checkpoint")
@@ -97,6 +114,8 @@ class Vault:
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         repo = self.repository(create=True)
+        from .vault.snapshot import take_snapshot
+
         return take_snapshot(
             repo,
             list(paths),
@@ -144,6 +163,8 @@ class Vault:
 
         >>> vault.restore(run="mnist", to="/content/work")    # doctest: +SKIP
         """
+        from .vault.restore import restore_snapshot
+
         progress = progress if progress is not None else auto_progress()
         repo = self._readable(missing_ok=snapshot is None)
         if repo is None:
@@ -183,9 +204,11 @@ class Vault:
 
     def verify(self, *, read_data: bool = False) -> VerifyReport:
         """Check the vault; ``read_data`` also reads and hashes every stored byte."""
+        from .vault import maintenance
+
         repo = self._readable()
         if repo is None:
-            return VerifyReport()
+            return maintenance.VerifyReport()
         return maintenance.verify(repo, read_data=read_data)
 
     def forget(self, *, run: str, keep_last: int, prune: bool = False) -> tuple[list[SnapshotInfo], PruneReport | None]:
@@ -194,6 +217,8 @@ class Vault:
         The newest snapshot that verifies is always kept. With ``prune``, the data
         no snapshot needs any more is deleted.
         """
+        from .vault import maintenance
+
         repo = self.repository()
         snaps = [s for s in repo.snapshots() if not is_checkpoint(s)]  # a Checkpointer keeps its own
         doomed = maintenance.select_forget(snaps, run, keep_last, healthy=lambda s: maintenance.quick_check(repo, s))
@@ -218,6 +243,8 @@ class Vault:
 
     def prune(self, *, wait: float = 30.0) -> PruneReport:
         """Delete stored data that no snapshot needs (never what a running writer uses)."""
+        from .vault import maintenance
+
         return maintenance.prune(self.repository(), wait=wait)
 
     def flush(self, *, unmount: bool = False) -> bool:

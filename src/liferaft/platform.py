@@ -20,6 +20,14 @@ from pathlib import Path
 
 HOUR = 3600.0
 
+
+def hostname() -> str:
+    """This machine's name, without importing socket (``os.uname`` gives the same on POSIX)."""
+    if hasattr(os, "uname"):
+        return os.uname().nodename
+    return os.environ.get("COMPUTERNAME", "")  # pragma: no cover - Windows
+
+
 #: Published per-session caps, in seconds. Conservative: the free tiers' numbers.
 #: Colab: "notebooks can run for at most 12 hours" on the free tier (Pro/Pro+ up to 24 h).
 #: Kaggle: 12 h for CPU and GPU sessions, 9 h for TPU sessions.

@@ -47,10 +47,12 @@ def open_backend(url: str | os.PathLike[str], options: dict[str, Any] | None = N
         path = parsed.path if scheme == "file" else text
         if scheme == "file" and parsed.netloc not in ("", "localhost"):
             raise BadVaultURL(f"file URL with a host: {text}", "use file:///absolute/path")
-        from .drive import DriveMountBackend, drive_mount_of
+        from .mounts import drive_mount_of
 
         mount = drive_mount_of(path)
         if mount is not None:
+            from .drive import DriveMountBackend
+
             return DriveMountBackend(path, mount=mount)
         return LocalBackend(path)
     if scheme == "memory":

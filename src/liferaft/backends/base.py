@@ -68,6 +68,9 @@ class Backend(abc.ABC):
 
     capabilities: Capabilities = Capabilities()
     url: str = ""
+    #: Small reads worth doing at once (manifests, index fragments): many for a store
+    #: with round trips, one where a read costs microseconds and threads cost more.
+    read_concurrency: int = 8
 
     @abc.abstractmethod
     def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:

@@ -50,29 +50,10 @@ from urllib.parse import urlparse
 from ..errors import BadVaultURL, LiferaftError
 from .base import Capabilities, ObjectExists, ObjectInfo, ObjectNotFound, StoreError
 from .local import TMP_PREFIX, LocalBackend, _fsync_dir, _raise_os
+from .mounts import COLAB_MOUNT, drive_mount_of, drive_mounts
 
-COLAB_MOUNT = "/content/drive"
-MOUNTS_ENV = "LIFERAFT_DRIVE_MOUNTS"
 GEN_SEP = "~g"  # NAME~g<20-digit time_ns><8 hex>: one generation of an overwritten name
 _GEN = re.compile(r"^(?P<base>.+)~g(?P<stamp>\d{20}[0-9a-f]{8})$")
-
-
-def drive_mounts() -> list[Path]:
-    """Folders treated as Drive mounts: Colab's, plus those in ``LIFERAFT_DRIVE_MOUNTS``."""
-    out = [Path(COLAB_MOUNT)]
-    for item in os.environ.get(MOUNTS_ENV, "").split(os.pathsep):
-        if item.strip():
-            out.append(Path(item.strip()).expanduser().absolute())
-    return out
-
-
-def drive_mount_of(path: str | os.PathLike[str]) -> Path | None:
-    """The Drive mount that ``path`` lies under, or None."""
-    p = Path(path).expanduser().absolute()
-    for mount in drive_mounts():
-        if p == mount or mount in p.parents:
-            return mount
-    return None
 
 
 class DriveNotMounted(StoreError):
@@ -141,6 +122,7 @@ class DriveMountBackend(LocalBackend):
     # Exclusive create cannot be proven on the mount (two machines see each other late),
     # so the vault relies on unique names; overwrites are generations, seen whole.
     capabilities = Capabilities(create_only=False, atomic_overwrite=True, range_reads=True)
+    read_concurrency = 8  # a FUSE mount: every open is a round trip
 
     def __init__(self, root: str | os.PathLike[str], *, mount: str | os.PathLike[str] | None = None, fsync: bool = True) -> None:
         super().__init__(root, fsync=fsync)

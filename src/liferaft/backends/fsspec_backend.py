@@ -29,6 +29,7 @@ class FsspecBackend(Backend):
         self._memory = protocol == "memory"
         # Only the in-process memory store can promise exclusive create through fsspec.
         self.capabilities = Capabilities(create_only=self._memory, atomic_overwrite=True, range_reads=True)
+        self.read_concurrency = 1 if self._memory else 8
 
     def _path(self, name: str) -> str:
         if name.startswith("/") or ".." in name.split("/"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,6 +41,7 @@ class LocalBackend(Backend):
     """
 
     capabilities = Capabilities(create_only=True, atomic_overwrite=True, range_reads=True)
+    read_concurrency = 1
 
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
         self.root = Path(root).expanduser().absolute()
@@ -82,7 +82,7 @@ class LocalBackend(Backend):
         self._mkdirs(folder)
         if not overwrite and final.exists():
             raise ObjectExists(name)
-        tmp = folder / f"{TMP_PREFIX}{secrets.token_hex(8)}"
+        tmp = folder / f"{TMP_PREFIX}{os.urandom(8).hex()}"
         try:
             self._write_temp(tmp, data)
             if overwrite:

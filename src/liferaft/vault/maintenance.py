@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import threading
 import time
 import uuid
@@ -17,6 +16,7 @@ from typing import Any
 from ..backends import BackendError, ObjectExists, ObjectNotFound
 from ..backends.local import LocalBackend
 from ..errors import LiferaftError, LockedError, VaultCorrupt
+from ..platform import hostname
 from . import format as fmt
 from . import repository as _repository
 from .repository import PRUNE_LOCK, SESSION_REFRESH, Repository, SnapshotInfo, pack_name
@@ -225,7 +225,7 @@ class _PruneLock:
         self._thread = threading.Thread(target=self._beat, name="liferaft-prune-lock", daemon=True)
 
     def _doc(self) -> bytes:
-        doc = {"id": self.id, "host": socket.gethostname(), "pid": os.getpid(), "refreshed": time.time(), "doomed": self.doomed}
+        doc = {"id": self.id, "host": hostname(), "pid": os.getpid(), "refreshed": time.time(), "doomed": self.doomed}
         return json.dumps(doc).encode()
 
     def _ours(self) -> bool:

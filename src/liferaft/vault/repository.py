@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import secrets
-import socket
 import threading
 import time
 import uuid
@@ -19,8 +17,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
-
-import pyfastcdc
 
 from .. import __version__
 from ..backends import Backend, BackendError, NoSpace, ObjectExists, ObjectNotFound
@@ -35,6 +31,7 @@ from ..errors import (
     VaultNotFound,
     VaultUnreachable,
 )
+from ..platform import hostname
 from . import format as fmt
 
 CONFIG = "config.json"
@@ -181,8 +178,12 @@ class Repository:
             pack_size = config.get("pack_size", PACK_TARGET)
             if not all(type(v) is int for v in [*values, pack_size]):
                 raise TypeError("not integers")
-            # What snapshot.py builds from them: pyfastcdc raises ValueError/OverflowError.
-            pyfastcdc.FastCDC(c["avg"], min_size=c["min"], max_size=c["max"], seed=c["seed"])
+            # What pyfastcdc.FastCDC accepts (checked here, so that opening a vault does
+            # not import the chunker: a restore or an unchanged snapshot never cuts).
+            if not (64 <= c["min"] <= 1 << 20 and 256 <= c["avg"] <= 4 << 20 and 1024 <= c["max"] <= 16 << 20):
+                raise ValueError("chunk sizes out of range")
+            if not (c["min"] <= c["avg"] <= c["max"] and 0 <= c["seed"] < 1 << 63):
+                raise ValueError("chunk sizes or seed out of range")
             if not 0 <= c["small_file"] <= fmt.MAX_BLOB or not 0 < pack_size <= 1 << 32:
                 raise ValueError("out of range")
             str(config["id"])
@@ -192,7 +193,7 @@ class Repository:
 
     @classmethod
     def _create(cls, backend: Backend) -> Repository:
-        params = ChunkerParams(seed=secrets.randbelow(1 << 31) + 1)
+        params = ChunkerParams(seed=int.from_bytes(os.urandom(4), "big") % (1 << 31) + 1)
         config = {
             "format": fmt.FORMAT_VERSION,
             "id": uuid.uuid4().hex,
@@ -249,7 +250,7 @@ class Repository:
                 except VaultCorrupt as err:
                     bad.append(f"{name}: {err}")
 
-            self._parallel(load, todo)
+            self._parallel(load, todo, self.backend.read_concurrency)
             if strict and bad:
                 raise VaultCorrupt(bad[0])
             live = {n.rsplit("/", 1)[-1] for n in names}
@@ -335,7 +336,7 @@ class Repository:
                 return
             out.append(info_from_manifest(sid, doc))
 
-        self._parallel(load, ids)
+        self._parallel(load, ids, self.backend.read_concurrency)
         out.sort(key=lambda s: (s.time_ns, s.id))
         return out
 
@@ -431,7 +432,7 @@ class Repository:
 
     @staticmethod
     def _parallel(fn: Callable[[Any], None], items: list[Any], workers: int = 8) -> None:
-        if len(items) <= 1:
+        if len(items) <= 1 or workers <= 1:
             for item in items:
                 fn(item)
             return
@@ -519,7 +520,7 @@ class WriteSession:
 
     def _write_lock(self) -> None:
         doc = {
-            "host": socket.gethostname(),
+            "host": hostname(),
             "pid": os.getpid(),
             "started": self.started,
             "refreshed": time.time(),
@@ -590,7 +591,7 @@ class WriteSession:
         if not self._entries or self._cur is None:
             return
         buf = self._cur
-        buf.append(fmt.build_pack_header(secrets.token_bytes(16), self._entries))
+        buf.append(fmt.build_pack_header(os.urandom(16), self._entries))
         entries = self._entries
         self._entries = []
         self._cur = None
@@ -621,7 +622,7 @@ class WriteSession:
         self._check()
         if not self._packs:
             return []
-        data = fmt.build_index(self._packs, secrets.token_hex(8))
+        data = fmt.build_index(self._packs, os.urandom(8).hex())
         frag_id = fmt.hexdigest(data)
         try:
             self.backend.put(f"index/{frag_id}", data, overwrite=False)

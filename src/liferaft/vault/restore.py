@@ -11,7 +11,6 @@ links that point out of the tree are not created.
 from __future__ import annotations
 
 import os
-import secrets
 import stat
 import threading
 from collections import defaultdict
@@ -218,7 +217,7 @@ def restore_snapshot(
                     raise RestoreRefused(f"{final} is a folder where the snapshot has a file", "move it away or restore with --to DIR")
             except FileNotFoundError:
                 pass
-            temps[i] = os.path.join(parent, f".liferaft-{secrets.token_hex(6)}.tmp")
+            temps[i] = os.path.join(parent, f".liferaft-{os.urandom(6).hex()}.tmp")
             finals[i] = final
             if not f.blobs:
                 _finish_file(os.open(temps[i], _CREATE, 0o600), f)
@@ -238,7 +237,7 @@ def restore_snapshot(
                 continue
             parent = tree.ensure(dests[root], rel[:-1])
             final = parent / rel[-1]
-            tmp = parent / f".liferaft-{secrets.token_hex(6)}.tmp"
+            tmp = parent / f".liferaft-{os.urandom(6).hex()}.tmp"
             os.symlink(e.target, tmp)
             try:
                 if stat.S_ISDIR(os.lstat(final).st_mode):

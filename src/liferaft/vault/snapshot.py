@@ -11,17 +11,15 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
-import socket
 import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyfastcdc
-
 from .. import __version__
 from ..errors import LiferaftError
+from ..platform import hostname
 from ..progress import Progress
 from . import format as fmt
 from .repository import Repository, SnapshotInfo, WriteSession, info_from_manifest
@@ -147,9 +145,17 @@ class _Reader:
 
     def __init__(self, session: WriteSession, repo: Repository) -> None:
         self.session = session
+        self.params = repo.chunker
         self.small = repo.chunker.small_file
-        p = repo.chunker
-        self.cdc = pyfastcdc.FastCDC(p.avg_size, min_size=p.min_size, max_size=p.max_size, seed=p.seed)
+        self._cdc: Any = None
+
+    def cdc(self) -> Any:
+        if self._cdc is None:
+            import pyfastcdc  # on first use: a pass that reads no large file never loads it
+
+            p = self.params
+            self._cdc = pyfastcdc.FastCDC(p.avg_size, min_size=p.min_size, max_size=p.max_size, seed=p.seed)
+        return self._cdc
 
     def read(self, item: _Item, progress: Progress) -> list[str] | None:
         """Blob ids of the file's bytes, or None when it changed while being read.
@@ -178,7 +184,7 @@ class _Reader:
                         blobs.append(self.session.add(data).hex())
                     progress.advance(0, total)
                 else:
-                    for chunk in self.cdc.cut_stream(f):
+                    for chunk in self.cdc().cut_stream(f):
                         blobs.append(self.session.add(chunk.data).hex())
                         total += chunk.length
                         progress.advance(0, chunk.length)
@@ -194,8 +200,17 @@ class _Reader:
         return blobs
 
 
-def _tree_chunker(repo: Repository) -> pyfastcdc.FastCDC:
-    return pyfastcdc.FastCDC(64 << 10, min_size=16 << 10, max_size=256 << 10, seed=repo.chunker.seed)
+TREE_MIN, TREE_AVG, TREE_MAX = 16 << 10, 64 << 10, 256 << 10
+
+
+def _cut_tree(repo: Repository, tree: bytes) -> list[bytes]:
+    """The encoded tree cut into blobs by content, so that a small change keeps most blobs."""
+    if len(tree) <= TREE_MIN:
+        return [tree] if tree else []  # what FastCDC yields for so short an input, without loading it
+    import pyfastcdc
+
+    cdc = pyfastcdc.FastCDC(TREE_AVG, min_size=TREE_MIN, max_size=TREE_MAX, seed=repo.chunker.seed)
+    return [bytes(c.data) for c in cdc.cut_buf(tree)]
 
 
 def _unchanged(repo: Repository, walk: WalkResult, caches: dict[str, StatCache], parent: SnapshotInfo) -> bool:
@@ -216,8 +231,7 @@ def _unchanged(repo: Repository, walk: WalkResult, caches: dict[str, StatCache],
             entry = fmt.Entry(entry.path, entry.type, entry.mode, entry.mtime_ns, entry.size, blobs)
         entries.append(entry)
     tree = fmt.encode_tree(entries)
-    ids = [fmt.hexdigest(c.data) for c in _tree_chunker(repo).cut_buf(tree)] if tree else []
-    return ids == parent.tree
+    return [fmt.hexdigest(c) for c in _cut_tree(repo, tree)] == parent.tree
 
 
 def _check_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -328,9 +342,7 @@ def take_snapshot(
                 new_cache[root_name][rel or "."] = [*stat_key(item.st), blobs]
         progress.finish()
         tree = fmt.encode_tree(entries)
-        tree_ids = []
-        if tree:
-            tree_ids = [session.add(c.data, compress=True).hex() for c in _tree_chunker(repo).cut_buf(tree)]
+        tree_ids = [session.add(c, compress=True).hex() for c in _cut_tree(repo, tree)]
         if skip_unchanged and parent is not None and parent.tree == tree_ids and parent.roots == root_docs and not changed:
             parent.unchanged = True
             if use_cache:
@@ -357,7 +369,7 @@ def take_snapshot(
             "tags": clean_tags,
             "metrics": clean_metrics,
             "time_ns": time.time_ns(),
-            "host": socket.gethostname(),
+            "host": hostname(),
             "parent": parent.id if parent else None,
             "roots": root_docs,
             "tree": tree_ids,
