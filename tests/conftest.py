@@ -36,7 +36,9 @@ def vault_url(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytes
     if request.param == "memory":
         return f"memory://liferaft-tests/{uuid.uuid4().hex}"
     if request.param == "rclone" and request.node.originalname in NEEDS_CREATE_ONLY:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="rclone serve s3 ignores If-None-Match: no create-only (README: Cloud vaults)"))
+        request.applymarker(
+            pytest.mark.xfail(strict=True, reason="rclone serve s3 ignores If-None-Match: no create-only (README: Cloud vaults)")
+        )
     return cloud_vault(request, monkeypatch, request.param)
 
 

@@ -200,6 +200,57 @@ def test_file_changing_while_read_keeps_previous_version(local_vault: str, tmp_p
     assert (tmp_path / "back2" / "d" / "ckpt.bin").read_bytes() == new
 
 
+def test_large_files_read_side_by_side_commit_whole_and_dedup(local_vault: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Several readers at once (forced to 3, whatever this machine's cores): every file is
+    # whole, equal big files are stored once, small files beside them are kept, and one
+    # big file rewritten during the read keeps its previous version while the rest commit.
+    from liferaft.vault import snapshot as snapshot_mod
+
+    monkeypatch.setattr(snapshot_mod, "_readers", lambda: 3)
+    src = tmp_path / "d"
+    same = os.urandom(3 << 20)
+    files = {f"big{i}.bin": os.urandom((2 << 20) + i * 4097) for i in range(5)}
+    files |= {"copy-a.bin": same, "copy-b.bin": same, "copy-c.bin": same, "hot.bin": os.urandom(24 << 20)}
+    files |= {f"small/{i}.txt": f"small {i}" for i in range(40)}
+    make_tree(src, files)
+    vault = liferaft.Vault(local_vault)
+    first = vault.snapshot([src], run="r", step=1)
+    assert first.stats["added_bytes"] < sum(len(v) for v in files.values() if isinstance(v, bytes)) - 2 * len(same) + (1 << 20)
+    vault.restore(first.id, to=tmp_path / "back")
+    assert tree_state(tmp_path / "back" / "d") == tree_state(src)
+
+    old_hot = (src / "hot.bin").read_bytes()
+    for i in range(5):
+        (src / f"big{i}.bin").write_bytes(os.urandom(2 << 20))
+    new_hot = os.urandom(24 << 20)
+    stop = threading.Event()
+
+    def writer() -> None:
+        while not stop.is_set():
+            with open(src / "hot.bin", "r+b") as f:
+                for off in range(0, len(new_hot), 1 << 20):
+                    f.write(new_hot[off : off + (1 << 20)])
+                    if stop.is_set():
+                        return
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        time.sleep(0.05)
+        second = vault.snapshot([src], run="r", step=2)
+    finally:
+        stop.set()
+        t.join()
+    assert second.stats["changed_during_read"] == ["d/hot.bin"]
+    vault.restore(second.id, to=tmp_path / "back2")
+    back = tmp_path / "back2" / "d"
+    assert (back / "hot.bin").read_bytes() == old_hot
+    for i in range(5):
+        assert (back / f"big{i}.bin").read_bytes() == (src / f"big{i}.bin").read_bytes()
+    assert (back / "small" / "7.txt").read_text() == "small 7"
+    assert vault.verify(read_data=True).ok
+
+
 def test_new_file_changing_while_read_is_left_out(local_vault: str, tmp_path: Path) -> None:
     src = make_tree(tmp_path / "d", {"keep": "k"})
     target = src / "growing"

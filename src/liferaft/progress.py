@@ -21,6 +21,26 @@ class Progress:
         """The phase is over."""
 
 
+class SyncedProgress(Progress):
+    """A progress that several worker threads report to: one at a time."""
+
+    def __init__(self, inner: Progress) -> None:
+        self.inner = inner
+        self._lock = threading.Lock()
+
+    def start(self, what: str, files: int, nbytes: int) -> None:
+        with self._lock:
+            self.inner.start(what, files, nbytes)
+
+    def advance(self, files: int = 0, nbytes: int = 0) -> None:
+        with self._lock:
+            self.inner.advance(files, nbytes)
+
+    def finish(self) -> None:
+        with self._lock:
+            self.inner.finish()
+
+
 class RichProgress(Progress):
     """A rich progress bar: bytes, rate, files and time left.
 

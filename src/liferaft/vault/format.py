@@ -180,6 +180,25 @@ def build_pack_header(nonce: bytes, entries: list[PackEntry]) -> bytes:
     return header + PACK_TRAILER.pack(len(header), PACK_MAGIC)
 
 
+def pack_id(header: bytes) -> str:
+    """A pack's id: the BLAKE3 of its header (with trailer), which names every blob in it
+    by hash and carries a random nonce. It covers the whole pack as a hash of all its
+    bytes would (every other byte belongs to a blob whose id checks it) at the cost of
+    hashing a few KiB instead of 16 MiB. Packs written before this was so are named by
+    the hash of all their bytes; ``pack_matches_id`` accepts both."""
+    return hexdigest(header)
+
+
+def pack_matches_id(data: bytes | memoryview, pid: str) -> bool:
+    """Whether a whole pack's bytes are the ones its id names (header hash, or all bytes)."""
+    if len(data) >= PACK_TRAILER.size:
+        hlen, _magic = PACK_TRAILER.unpack_from(data, len(data) - PACK_TRAILER.size)
+        start = len(data) - PACK_TRAILER.size - hlen
+        if start >= 0 and pack_id(bytes(data[start:])) == pid:
+            return True
+    return hexdigest(data) == pid
+
+
 def parse_pack_header(tail: bytes, pack_size: int) -> list[PackEntry]:
     """Parse a pack's header from its last bytes (at least the whole header and trailer)."""
     if len(tail) < PACK_TRAILER.size:

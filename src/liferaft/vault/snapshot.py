@@ -12,6 +12,7 @@ import fnmatch
 import math
 import os
 import stat
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 from .. import __version__
 from ..errors import LiferaftError
 from ..platform import hostname
-from ..progress import Progress
+from ..progress import Progress, SyncedProgress
 from . import format as fmt
 from .repository import Repository, SnapshotInfo, WriteSession, info_from_manifest
 from .statcache import StatCache, stat_key
@@ -234,6 +235,51 @@ def _unchanged(repo: Repository, walk: WalkResult, caches: dict[str, StatCache],
     return [fmt.hexdigest(c) for c in _cut_tree(repo, tree)] == parent.tree
 
 
+def _readers() -> int:
+    """Large files read at once. Chunking and hashing release the GIL, so a second reader
+    uses a second core (1 GiB in 4 files: 0.88 s -> 0.72 s on 2 cores); small files stay
+    in one thread, where their per-file Python work would only contend for the GIL."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _read_files(session: WriteSession, repo: Repository, items: list[_Item], progress: Progress) -> list[list[str] | None]:
+    """Blob ids of each file (None: changed while read), in order.
+
+    Files above the small-file size are read by a pool of readers while this thread
+    reads the small ones.
+    """
+    out: list[list[str] | None] = [None] * len(items)
+    big = [k for k, item in enumerate(items) if item.entry.size > repo.chunker.small_file]
+    readers = _readers()
+    if readers <= 1 or len(big) < 2:
+        reader = _Reader(session, repo)
+        for k, item in enumerate(items):
+            out[k] = reader.read(item, progress)
+            progress.advance(1, 0)
+        return out
+    synced = SyncedProgress(progress)
+    local = threading.local()
+
+    def read_one(k: int) -> None:
+        reader = getattr(local, "reader", None)
+        if reader is None:
+            reader = local.reader = _Reader(session, repo)
+        out[k] = reader.read(items[k], synced)
+        synced.advance(1, 0)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(readers, len(big)), thread_name_prefix="liferaft-read") as pool:
+        futures = [pool.submit(read_one, k) for k in big]
+        chosen = set(big)
+        for k in range(len(items)):
+            if k not in chosen:
+                read_one(k)
+        for fut in futures:
+            fut.result()
+    return out
+
+
 def _check_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     out = {}
     for k, v in metrics.items():
@@ -311,33 +357,41 @@ def take_snapshot(
     new_cache: dict[str, dict[str, list[Any]]] = {name: {} for name in names}
     changed: list[str] = []
     entries: list[fmt.Entry] = []
-    reused = 0
     progress.start("snapshot", walk.files, walk.nbytes)
     with repo.session() as session:
-        reader = _Reader(session, repo)
-        for item in walk.items:
+        # The stat cache vouches for unchanged files; the rest are read, several at once.
+        blobs_of: dict[int, list[str] | None] = {}
+        to_read: list[int] = []
+        for i, item in enumerate(walk.items):
+            entry = item.entry
+            if entry.type != fmt.TYPE_FILE:
+                continue
+            assert item.st is not None
+            root_name, _, rel = entry.path.partition("/")
+            blobs = caches[root_name].lookup(rel or ".", item.st)
+            if blobs is not None and all(session.has(bytes.fromhex(b)) for b in blobs):
+                blobs_of[i] = blobs
+                progress.advance(1, entry.size)
+            else:
+                to_read.append(i)
+        reused = len(blobs_of)
+        blobs_of.update(zip(to_read, _read_files(session, repo, [walk.items[i] for i in to_read], progress), strict=True))
+        for i, item in enumerate(walk.items):
             entry = item.entry
             if entry.type != fmt.TYPE_FILE:
                 entries.append(entry)
                 continue
-            assert item.st is not None
-            root_name, _, rel = entry.path.partition("/")
-            cache = caches[root_name]
-            blobs = cache.lookup(rel or ".", item.st)
-            if blobs is not None and all(session.has(bytes.fromhex(b)) for b in blobs):
-                reused += 1
-                progress.advance(1, entry.size)
-            else:
-                blobs = reader.read(item, progress)
-                progress.advance(1, 0)
-                if blobs is None:
-                    changed.append(entry.path)
-                    prev = previous_version(entry.path)
-                    if prev is not None and all(session.has(bytes.fromhex(b)) for b in prev.blobs):
-                        entries.append(prev)
-                    continue
+            blobs = blobs_of[i]
+            if blobs is None:
+                changed.append(entry.path)
+                prev = previous_version(entry.path)
+                if prev is not None and all(session.has(bytes.fromhex(b)) for b in prev.blobs):
+                    entries.append(prev)
+                continue
             entry.blobs = blobs
             entries.append(entry)
+            assert item.st is not None  # the version read, when it was read
+            root_name, _, rel = entry.path.partition("/")
             if max(item.st.st_mtime_ns, item.st.st_ctime_ns) < racy_after:
                 new_cache[root_name][rel or "."] = [*stat_key(item.st), blobs]
         progress.finish()
