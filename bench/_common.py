@@ -37,6 +37,10 @@ def run(name: str, argv: list[str], cwd: Path | None = None, env: dict[str, str]
 
 
 def liferaft_argv(*args: str) -> list[str]:
+    """The installed ``liferaft`` command, as a user runs it (else ``python -m liferaft``)."""
+    script = Path(sys.executable).parent / "liferaft"
+    if script.exists():
+        return [str(script), *args]
     return [sys.executable, "-m", "liferaft", *args]
 
 

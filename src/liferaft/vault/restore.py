@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..backends import ObjectNotFound
 from ..errors import RestoreRefused, VaultCorrupt
-from ..progress import Progress
+from ..progress import Progress, SyncedProgress
 from . import format as fmt
 from .repository import Repository, SnapshotInfo
 from .statcache import StatCache, stat_key
@@ -294,6 +294,7 @@ def _fill(
         pack_id, codec, off, length, raw = index[bid]
         by_pack[pack_id].append((off, length, codec, raw, bid))
     total = sum(f.size for f in files)
+    progress = SyncedProgress(progress)  # workers report from their threads
     progress.start("restore", len(files), total)
     empty = sum(1 for f in files if not f.size)
     if empty:
