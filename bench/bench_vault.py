@@ -102,9 +102,20 @@ def run_timed_inside(name: str, argv: list[str], env: dict[str, str]) -> Timing:
     return Timing(name, float(out.stdout.strip().splitlines()[-1]), 0.0, 0)
 
 
+ALL: dict[str, list[float]] = {}  # every run's seconds, for the medians
+
+
 def best(table: dict[str, Timing], key: str, timing: Timing) -> None:
+    if timing.returncode == 0:
+        ALL.setdefault(key, []).append(timing.seconds)
     if key not in table or (timing.returncode == 0 and timing.seconds < table[key].seconds):
         table[key] = timing
+
+
+def median(key: str, results: dict[str, Timing]) -> float:
+    runs = sorted(ALL.get(key) or [results[key].seconds])
+    mid = len(runs) // 2
+    return runs[mid] if len(runs) % 2 else (runs[mid - 1] + runs[mid]) / 2
 
 
 def main() -> int:
@@ -215,6 +226,8 @@ def main() -> int:
         "unchanged snapshot / first, snapshot work in process (goal <= 0.03)": results["snap2api"].seconds / results["snapapi"].seconds,
         "unchanged snapshot / first, as CLI processes (start-up included)": results["snap2"].seconds / results["snap"].seconds,
         "restore speed vs cp -r (goal >= 0.5)": cp / results["restore"].seconds,
+        "medians: snapshot speed vs cp -r": median("cp", results) / median("snap", results),
+        "medians: restore speed vs cp -r": median("cp", results) / median("restore", results),
         "small files: snapshot speed vs zip -r": results["zip_small"].seconds / results["ssnap"].seconds,
         "small files: restore speed vs unzip": results["unzip"].seconds / results["srestore"].seconds,
     }
@@ -236,12 +249,12 @@ def main() -> int:
             )
         )
         return 0
-    rows = [("workload", "seconds", "MiB/s", "peak RSS MiB")]
+    rows = [("workload", "best s", "median s", "MiB/s (best)", "peak RSS MiB")]
     sizes = {"cp": gib, "cpsync": gib, "snap": gib, "snapapi": gib, "snap2": gib, "restore": gib, "tar": gib, "zip": gib}
     for k, v in results.items():
         rate = f"{sizes[k] * 1024 / v.seconds:.0f}" if k in sizes else ""
         rss = f"{v.peak_rss_mib:.0f}" if v.peak_rss_mib else "(in process)"
-        rows.append((v.name, f"{v.seconds:.3f}", rate, rss))
+        rows.append((v.name, f"{v.seconds:.3f}", f"{median(k, results):.3f}" if k in ALL else "", rate, rss))
     print(
         f"data: {gib:g} GiB in 4 random files; {args.small_files} files of 4 KiB; {os.cpu_count()} cores; "
         f"best of {args.repeat}; memory primed with {args.prime_gib:g} GiB before each large command"
