@@ -162,21 +162,13 @@ def test_compressible_data_is_compressed_random_is_not(vault_url: str, tmp_path:
     assert codecs == {fmt.CODEC_RAW, fmt.CODEC_ZSTD}
 
 
-def test_file_changing_while_read_keeps_previous_version(local_vault: str, tmp_path: Path) -> None:
-    src = tmp_path / "d"
-    src.mkdir()
-    ckpt = src / "ckpt.bin"
-    old = os.urandom(40 << 20)
-    ckpt.write_bytes(old)
-    vault = liferaft.Vault(local_vault)
-    vault.snapshot([src], run="r", step=1)
-    new = os.urandom(40 << 20)
+def _snapshot_while_rewritten(vault: liferaft.Vault, src: Path, path: Path, new: bytes, step: int) -> liferaft.api.SnapshotInfo:
+    """Snapshot ``src`` while ``path`` is rewritten in place, the way a careless save does."""
     stop = threading.Event()
 
     def writer() -> None:
-        # Rewrites the file in place, the way a careless save does, until told to stop.
         while not stop.is_set():
-            with open(ckpt, "r+b") as f:
+            with open(path, "r+b") as f:
                 for off in range(0, len(new), 1 << 20):
                     f.write(new[off : off + (1 << 20)])
                     if stop.is_set():
@@ -186,10 +178,22 @@ def test_file_changing_while_read_keeps_previous_version(local_vault: str, tmp_p
     t.start()
     try:
         time.sleep(0.05)
-        snap = vault.snapshot([src], run="r", step=2)
+        return vault.snapshot([src], run="r", step=step)
     finally:
         stop.set()
         t.join()
+
+
+def test_file_changing_while_read_keeps_previous_version(local_vault: str, tmp_path: Path) -> None:
+    src = tmp_path / "d"
+    src.mkdir()
+    ckpt = src / "ckpt.bin"
+    old = os.urandom(40 << 20)
+    ckpt.write_bytes(old)
+    vault = liferaft.Vault(local_vault)
+    vault.snapshot([src], run="r", step=1)
+    new = os.urandom(40 << 20)
+    snap = _snapshot_while_rewritten(vault, src, ckpt, new, step=2)
     assert snap.stats["changed_during_read"] == ["d/ckpt.bin"]
     vault.restore(snap.id, to=tmp_path / "back")
     assert (tmp_path / "back" / "d" / "ckpt.bin").read_bytes() == old  # never a torn file
@@ -222,25 +226,7 @@ def test_large_files_read_side_by_side_commit_whole_and_dedup(local_vault: str, 
     old_hot = (src / "hot.bin").read_bytes()
     for i in range(5):
         (src / f"big{i}.bin").write_bytes(os.urandom(2 << 20))
-    new_hot = os.urandom(24 << 20)
-    stop = threading.Event()
-
-    def writer() -> None:
-        while not stop.is_set():
-            with open(src / "hot.bin", "r+b") as f:
-                for off in range(0, len(new_hot), 1 << 20):
-                    f.write(new_hot[off : off + (1 << 20)])
-                    if stop.is_set():
-                        return
-
-    t = threading.Thread(target=writer)
-    t.start()
-    try:
-        time.sleep(0.05)
-        second = vault.snapshot([src], run="r", step=2)
-    finally:
-        stop.set()
-        t.join()
+    second = _snapshot_while_rewritten(vault, src, src / "hot.bin", os.urandom(24 << 20), step=2)
     assert second.stats["changed_during_read"] == ["d/hot.bin"]
     vault.restore(second.id, to=tmp_path / "back2")
     back = tmp_path / "back2" / "d"
