@@ -312,7 +312,8 @@ class Fault:
     kind: "pass"; "drop" (cut the connection once ``after`` bytes went up: mid-upload);
     "truncate" (cut it once ``after`` bytes came down: mid-download); "stall_up" /
     "stall_down" (go silent in that direction for ``stall`` seconds once ``after`` bytes
-    passed, then cut it); "refuse" (reset at once).
+    passed, then cut it); "refuse" (reset at once); "slow" (a slow uplink: every 64 KiB
+    going up waits ``stall`` seconds; nothing is cut).
     """
 
     kind: str = "pass"
@@ -442,7 +443,7 @@ class FaultProxy:
             self._abort(client)
             return
         self._track(upstream)
-        up_fault = fault if fault.kind in ("drop", "stall_up") else PASS
+        up_fault = fault if fault.kind in ("drop", "stall_up", "slow") else PASS
         down_fault = fault if fault.kind in ("truncate", "stall_down") else PASS
         done = threading.Event()
         a = threading.Thread(target=self._pump, args=(client, upstream, up_fault, done), daemon=True)
@@ -472,7 +473,9 @@ class FaultProxy:
                     except OSError:
                         pass
                     return
-                if fault.kind != "pass" and sent + len(chunk) > fault.after:
+                if fault.kind == "slow":
+                    self._stop.wait(fault.stall)
+                elif fault.kind != "pass" and sent + len(chunk) > fault.after:
                     dst.sendall(chunk[: fault.after - sent])
                     with self._lock:
                         self.struck[fault.kind] += 1

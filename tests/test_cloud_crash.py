@@ -30,7 +30,7 @@ from conftest import make_tree, tree_state
 from liferaft.backends import Backend, open_backend
 from liferaft.vault import repository
 from liferaft.vault.repository import Repository
-from servers import KINDS, StoreServer
+from servers import KINDS, Fault, FaultProxy, StoreServer
 
 SEED = int(os.environ.get("LIFERAFT_CRASH_SEED", "5071"))
 KILL_PLAN = ("pack", "index", "random", "random")
@@ -38,10 +38,11 @@ RUN = "crash"
 
 
 def small_pack_vault(url: str, pack_size: int = 256 << 10) -> None:
-    """Create the vault with small packs, so that one snapshot is many uploads."""
+    """Create the vault with small packs and chunks, so that one snapshot is many uploads."""
     backend = open_backend(url)
     repo = Repository.open(backend, create=True)
-    backend.put("config.json", json.dumps(dict(repo.config, pack_size=pack_size)).encode(), overwrite=True)
+    chunker = dict(repo.config["chunker"], min=64 << 10, avg=256 << 10, max=1 << 20)
+    backend.put("config.json", json.dumps(dict(repo.config, pack_size=pack_size, chunker=chunker)).encode(), overwrite=True)
 
 
 def _names(backend: Backend, prefix: str) -> set[str]:
@@ -101,17 +102,22 @@ def test_snapshot_killed_mid_commit_leaves_the_last_commit_and_prunable_garbage(
         _mutate(work, rng, step)
         state = tree_state(work)
         before = {p: _names(backend, p) for p in ("packs/", "index/", "snapshots/")}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "liferaft", "--vault", url, "snapshot", str(work), "--run", RUN, "--step", str(step)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            killed = _kill_when(proc, backend, plan, before, rng)
-            _out, err = proc.communicate(timeout=180)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        # The writer goes through a slow uplink (20 ms per 64 KiB), so that its uploads
+        # last long enough for the kill to land between the first pack and the manifest
+        # whatever the machine's speed; this test process watches the store directly.
+        with FaultProxy(server.port, lambda _i: Fault("slow", 0, 0.02), lifetime=240) as proxy:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "liferaft", "--vault", url, "snapshot", str(work), "--run", RUN, "--step", str(step)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env={**os.environ, **server.env(proxy.endpoint)},
+            )
+            try:
+                killed = _kill_when(proc, backend, plan, before, rng)
+                _out, err = proc.communicate(timeout=180)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
         if not killed:
             assert proc.returncode == 0, err
         new = {p: _names(backend, p) - before[p] for p in before}

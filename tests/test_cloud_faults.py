@@ -42,7 +42,7 @@ def _clear(err: LiferaftError) -> str:
 @pytest.mark.slow
 def test_snapshot_and_restore_through_a_faulty_network(server: StoreServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     url = server.vault_url()
-    small_pack_vault(url)  # ~1.4 MiB packs: every snapshot is several uploads to break
+    small_pack_vault(url)  # ~300 KiB packs: every snapshot is several uploads to break
     monkeypatch.setenv("LIFERAFT_RETRY_DEADLINE", "30")
     rng = random.Random(f"{SEED}-{server.kind}")
     work = make_tree(tmp_path / "work", {f"small/{i}.txt": rng.randbytes(2000) for i in range(20)})

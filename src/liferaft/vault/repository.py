@@ -47,7 +47,7 @@ def pack_name(pack_id: str) -> str:
 
 @dataclass(frozen=True)
 class ChunkerParams:
-    min_size: int = 256 << 10
+    min_size: int = 512 << 10  # restic's minimum too; the gear hash skips the first min bytes of every chunk
     avg_size: int = 1 << 20
     max_size: int = 4 << 20
     seed: int = 0
@@ -475,6 +475,140 @@ class _PackBuffer:
         return memoryview(self.buf)[: self.n]
 
 
+_READ_SLACK = 1 << 20  # read-ahead room past one max-size chunk
+_HEADER_ROOM = 64 << 10  # a pack header of ~1500 entries fits without growing the buffer
+
+
+class StreamPacker:
+    """One reader thread's packs for large files, filled with no copy of its own.
+
+    A file's bytes are read straight into the pack buffer, then cut (FastCDC), hashed
+    and kept where they landed: a duplicate is dropped and a compressible chunk replaced
+    by its smaller form, both by moving later bytes down. The only copies are the
+    kernel's read and the upload's write, except at a pack's end, where the bytes not
+    yet cut (under one max-size chunk) start the next pack. Cut points are the same as
+    FastCDC's stream chunker's: a chunk is cut only with ``max_size`` bytes ahead of it
+    or at the end of the file. Not thread-safe: each thread makes its own.
+    """
+
+    def __init__(self, session: WriteSession, cdc: Any, max_size: int) -> None:
+        self.session = session
+        self.cdc = cdc
+        self.max = max_size
+        self.buf: _PackBuffer | None = None
+        self.entries: list[fmt.PackEntry] = []
+
+    def add_file(self, f: Any, on_bytes: Callable[[int], None]) -> tuple[list[bytes], int]:
+        """Store the bytes of ``f`` (a raw file) from here to its end: blob ids and length."""
+        s = self.session
+        s._check()
+        if self.buf is None:
+            self.buf = s._take_buffer()
+        ids: list[bytes] = []
+        total = 0
+        limit = len(self.buf.buf) - _HEADER_ROOM
+        target = s.repo.pack_target
+        mv = memoryview(self.buf.buf)
+        r = w = self.buf.n  # bytes [r, w) are read and not yet cut
+        eof = False
+        try:
+            while True:
+                while not eof and w - r < self.max:
+                    if w >= limit:
+                        mv, r, w = self._roll(mv, r, w)
+                        continue
+                    n = f.readinto(mv[w:limit])
+                    if not n:
+                        eof = True
+                    else:
+                        w += n
+                if r == w:
+                    return ids, total
+                length = next(self.cdc.cut_buf(mv[r:w])).length
+                ids.append(self._keep(mv, r, length))
+                r += length
+                total += length
+                on_bytes(length)
+                if self.buf.n >= target and w - r <= self.max:
+                    mv, r, w = self._roll(mv, r, w)  # full: (with the default sizes, the buffer is too)
+        finally:
+            mv.release()
+
+    def _keep(self, mv: memoryview, r: int, length: int) -> bytes:
+        """Hash the chunk at ``r``; unless known, move it (or its compressed form) down to
+        the end of the kept blobs."""
+        s = self.session
+        buf = self.buf
+        assert buf is not None
+        chunk = mv[r : r + length]
+        blob_id = fmt.digest(chunk)
+        if not s._claim(blob_id):
+            return blob_id
+        try:
+            codec, stored = fmt.maybe_compress(chunk)
+            k = buf.n
+            if codec != fmt.CODEC_RAW or k != r:
+                mv[k : k + len(stored)] = stored  # memoryview assignment is memmove: overlap is safe
+            self.entries.append(fmt.PackEntry(blob_id, codec, k, len(stored), length))
+            buf.n = k + len(stored)
+            with s._add_lock:
+                s._counted(length, len(stored))
+        except BaseException:
+            s._unclaim(blob_id)
+            raise
+        return blob_id
+
+    def _roll(self, mv: memoryview, r: int, w: int) -> tuple[memoryview, int, int]:
+        """The buffer is full: seal it and carry the bytes not yet cut to a new one, or,
+        when it holds little (mostly duplicates), move them down and go on filling it."""
+        buf = self.buf
+        assert buf is not None
+        tail = w - r
+        if buf.n < self.session.repo.pack_target // 2:
+            k = buf.n
+            mv[k : k + tail] = mv[r:w]
+            return mv, k, k + tail
+        new = self.session._take_buffer()
+        out = memoryview(new.buf)
+        out[:tail] = mv[r:w]
+        mv.release()
+        self._seal()
+        self.buf = new
+        return out, 0, tail
+
+    def _seal(self) -> None:
+        buf, entries = self.buf, self.entries
+        self.buf, self.entries = None, []
+        if buf is None:
+            return
+        if entries:
+            self.session._send(buf, entries)
+        else:
+            self.session._give_back(buf)
+
+    def close(self) -> None:
+        """Seal the open pack, unless it is small: then it becomes (or goes into) the
+        session's shared pack, which small files and the tree fill, so that a snapshot
+        with a few changed large files still writes one pack, not one per reader."""
+        s = self.session
+        buf = self.buf
+        if buf is not None and self.entries and buf.n < s.repo.pack_target:
+            with s._add_lock:
+                if s._cur is None:
+                    s._cur, s._entries = buf, self.entries  # adopted as it is: no copy
+                    self.buf, self.entries = None, []
+                    return
+                merge = s._cur.n + buf.n <= s.repo.pack_target
+            if not merge:
+                self._seal()
+                return
+            with memoryview(buf.buf) as mv:
+                for e in self.entries:
+                    s._append(e.blob_id, e.codec, mv[e.offset : e.offset + e.length], e.raw_length, counted=True)
+            self.entries = []
+        self._seal()
+
+
 class WriteSession:
     """One writer's packs, index fragment and session lock.
 
@@ -503,8 +637,11 @@ class WriteSession:
         # packs are in memory at once: the one being filled and those uploading.
         self._free: queue.Queue[_PackBuffer] = queue.Queue()
         self._add_lock = threading.Lock()
+        self._pool_lock = threading.Lock()
         self._buffers = 0
-        self._max_buffers = max_pending + 1
+        self._max_buffers = max_pending + 1  # one more for each stream packer
+        self._capacity = self.repo.pack_target + repo.chunker.max_size + _READ_SLACK + _HEADER_ROOM
+        self._packers: list[StreamPacker] = []
         self._cur: _PackBuffer | None = None
         self._entries: list[fmt.PackEntry] = []
         self._packs: dict[str, tuple[int, list[fmt.PackEntry]]] = {}
@@ -556,6 +693,18 @@ class WriteSession:
     def has(self, blob_id: bytes) -> bool:
         return blob_id in self.known
 
+    def _claim(self, blob_id: bytes) -> bool:
+        """Whether this blob is new, marking it known so that no other reader stores it."""
+        with self._add_lock:
+            if blob_id in self.known:
+                return False
+            self.known.add(blob_id)
+            return True
+
+    def _unclaim(self, blob_id: bytes) -> None:
+        with self._add_lock:
+            self.known.discard(blob_id)  # never stored: nobody may dedup against it
+
     def add(self, data: bytes | bytearray | memoryview, blob_id: bytes | None = None, *, compress: bool | None = None) -> bytes:
         """Store a blob unless the vault already has it; return its id.
 
@@ -565,10 +714,8 @@ class WriteSession:
         self._check()
         if blob_id is None:
             blob_id = fmt.digest(data)
-        with self._add_lock:
-            if blob_id in self.known:
-                return blob_id
-            self.known.add(blob_id)  # claimed: a second reader of the same bytes dedups against it
+        if not self._claim(blob_id):
+            return blob_id  # claimed: a second reader of the same bytes dedups against it
         appended = False
         try:
             if compress is None:
@@ -577,48 +724,81 @@ class WriteSession:
                 codec, stored = fmt.CODEC_ZSTD, fmt.compress(data)
             else:
                 codec, stored = fmt.CODEC_RAW, data
-            with self._add_lock:
-                buf = self._buffer()
-                self._entries.append(fmt.PackEntry(blob_id, codec, buf.n, len(stored), len(data)))
-                buf.append(stored)
-                appended = True
-                self.added_bytes += len(data)
-                self.stored_bytes += len(stored)
-                self.added_blobs += 1
-                if buf.n >= self.repo.pack_target:
-                    self._seal()
+            self._append(blob_id, codec, stored, len(data))
+            appended = True
         except BaseException:
             if not appended:
-                with self._add_lock:
-                    self.known.discard(blob_id)  # never stored: nobody may dedup against it
+                self._unclaim(blob_id)
             raise
         return blob_id
 
-    def _buffer(self) -> _PackBuffer:
-        if self._cur is None:
-            if self._free.empty() and self._buffers < self._max_buffers:
+    def _append(self, blob_id: bytes, codec: int, stored: bytes | bytearray | memoryview, raw_length: int, *, counted: bool = False) -> None:
+        """Append a claimed blob to the shared open pack, sealing it when full."""
+        with self._add_lock:
+            if self._cur is None:
+                self._cur = self._take_buffer()
+            buf = self._cur
+            self._entries.append(fmt.PackEntry(blob_id, codec, buf.n, len(stored), raw_length))
+            buf.append(stored)
+            if not counted:
+                self._counted(raw_length, len(stored))
+            if buf.n >= self.repo.pack_target:
+                self._cur = None
+                entries, self._entries = self._entries, []
+                self._send(buf, entries)
+
+    def _counted(self, raw: int, stored: int) -> None:
+        self.added_bytes += raw
+        self.stored_bytes += stored
+        self.added_blobs += 1
+
+    def _take_buffer(self) -> _PackBuffer:
+        """An empty pack buffer: a free one, a new one while under the limit, else the
+        next one an upload frees (back-pressure)."""
+        with self._pool_lock:
+            make = self._free.empty() and self._buffers < self._max_buffers
+            if make:
                 self._buffers += 1
-                self._cur = _PackBuffer(self.repo.pack_target + (5 << 20))  # + one max blob and a header
-            else:
-                self._cur = self._free.get()  # back-pressure: wait for an upload to finish
-                self._check()
-            self._cur.n = 0
-        return self._cur
+        buf = _PackBuffer(self._capacity) if make else self._free.get()
+        self._check()
+        buf.n = 0
+        return buf
+
+    def _give_back(self, buf: _PackBuffer) -> None:
+        self._free.put(buf)
+
+    def _send(self, buf: _PackBuffer, entries: list[fmt.PackEntry]) -> None:
+        """Seal a pack (header and trailer after its blobs) and start its upload."""
+        header = fmt.build_pack_header(os.urandom(16), entries)
+        buf.append(header)
+        pack_id = fmt.pack_id(header)
+        with self._pool_lock:
+            self._packs[pack_id] = (buf.n, entries)
+            self._futures.append(self._pool.submit(self._upload, pack_id, buf))
 
     def _seal(self) -> None:
-        if not self._entries or self._cur is None:
+        with self._add_lock:
+            buf, entries = self._cur, self._entries
+            self._cur, self._entries = None, []
+        if buf is None:
             return
-        buf = self._cur
-        header = fmt.build_pack_header(os.urandom(16), self._entries)
-        buf.append(header)
-        entries = self._entries
-        self._entries = []
-        self._cur = None
-        self._check()
-        pack_id = fmt.pack_id(header)
-        self._packs[pack_id] = (buf.n, entries)
-        fut = self._pool.submit(self._upload, pack_id, buf)
-        self._futures.append(fut)
+        if entries:
+            self._send(buf, entries)
+        else:
+            self._give_back(buf)
+
+    def close_packers(self) -> None:
+        """Seal the packers' open packs (see ``StreamPacker.close``); no packer is in use."""
+        for packer in self._packers:
+            packer.close()
+
+    def packer(self, cdc: Any, max_size: int) -> StreamPacker:
+        """A packer for one thread's large files (see ``StreamPacker``)."""
+        packer = StreamPacker(self, cdc, max_size)
+        with self._pool_lock:
+            self._packers.append(packer)
+            self._max_buffers += 1
+        return packer
 
     def _upload(self, pack_id: str, buf: _PackBuffer) -> None:
         try:
@@ -632,7 +812,8 @@ class WriteSession:
             self._free.put(buf)
 
     def flush(self) -> list[str]:
-        """Seal the open pack, wait for uploads, write this session's index fragment."""
+        """Seal the open packs, wait for uploads, write this session's index fragment."""
+        self.close_packers()
         self._seal()
         for fut in self._futures:
             fut.result()

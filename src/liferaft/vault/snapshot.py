@@ -23,7 +23,7 @@ from ..errors import LiferaftError
 from ..platform import hostname
 from ..progress import Progress, SyncedProgress
 from . import format as fmt
-from .repository import Repository, SnapshotInfo, WriteSession, info_from_manifest
+from .repository import Repository, SnapshotInfo, StreamPacker, WriteSession, info_from_manifest
 from .statcache import StatCache, stat_key
 
 # Never snapshotted unless asked: credentials that must not leave the machine.
@@ -148,15 +148,16 @@ class _Reader:
         self.session = session
         self.params = repo.chunker
         self.small = repo.chunker.small_file
-        self._cdc: Any = None
+        self._packer: StreamPacker | None = None
 
-    def cdc(self) -> Any:
-        if self._cdc is None:
+    def packer(self) -> StreamPacker:
+        if self._packer is None:
             import pyfastcdc  # on first use: a pass that reads no large file never loads it
 
             p = self.params
-            self._cdc = pyfastcdc.FastCDC(p.avg_size, min_size=p.min_size, max_size=p.max_size, seed=p.seed)
-        return self._cdc
+            cdc = pyfastcdc.FastCDC(p.avg_size, min_size=p.min_size, max_size=p.max_size, seed=p.seed)
+            self._packer = self.session.packer(cdc, p.max_size)
+        return self._packer
 
     def read(self, item: _Item, progress: Progress) -> list[str] | None:
         """Blob ids of the file's bytes, or None when it changed while being read.
@@ -185,10 +186,8 @@ class _Reader:
                         blobs.append(self.session.add(data).hex())
                     progress.advance(0, total)
                 else:
-                    for chunk in self.cdc().cut_stream(f):
-                        blobs.append(self.session.add(chunk.data).hex())
-                        total += chunk.length
-                        progress.advance(0, chunk.length)
+                    ids, total = self.packer().add_file(f, lambda n: progress.advance(0, n))
+                    blobs = [b.hex() for b in ids]
                 after = os.fstat(f.fileno())
         except OSError:
             return None
@@ -256,6 +255,7 @@ def _read_files(session: WriteSession, repo: Repository, items: list[_Item], pro
         for k, item in enumerate(items):
             out[k] = reader.read(item, progress)
             progress.advance(1, 0)
+        session.close_packers()
         return out
     synced = SyncedProgress(progress)
     local = threading.local()
@@ -277,6 +277,7 @@ def _read_files(session: WriteSession, repo: Repository, items: list[_Item], pro
                 read_one(k)
         for fut in futures:
             fut.result()
+    session.close_packers()
     return out
 
 

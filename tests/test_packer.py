@@ -1,0 +1,113 @@
+"""Large files are packed where they were read (StreamPacker): same cuts, same bytes, few packs."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pyfastcdc
+import pytest
+
+import liferaft
+from liferaft.vault import format as fmt
+from liferaft.vault.repository import Repository
+
+
+def _stream_cuts(repo: Repository, data: bytes) -> list[str]:
+    """Blob ids as FastCDC's own stream chunker cuts ``data`` with the vault's parameters."""
+    p = repo.chunker
+    cdc = pyfastcdc.FastCDC(p.avg_size, min_size=p.min_size, max_size=p.max_size, seed=p.seed)
+    return [fmt.hexdigest(c.data) for c in cdc.cut_stream(io.BytesIO(data))]
+
+
+def _file_blobs(vault: liferaft.Vault, snap_id: str, path: str) -> list[str]:
+    repo = vault.repository()
+    entries = {e.path: e for e in repo.read_tree(repo.find(snap_id))}
+    return list(entries[path].blobs)
+
+
+def _packs(vault: liferaft.Vault) -> list[int]:
+    return sorted(o.size for o in vault.backend.list("packs/"))
+
+
+def test_cuts_equal_the_stream_chunkers_across_pack_boundaries(vault_url: str, tmp_path: Path) -> None:
+    # 60 MiB crosses several pack buffers; a repeated 6 MiB stretch makes duplicates that
+    # are dropped in place, and a text stretch makes chunks stored compressed: both move
+    # the bytes after them down inside the buffer.
+    rep = os.urandom(6 << 20)
+    text = b"".join(b"step %d loss %.4f\n" % (i, 1 / (i + 1)) for i in range(400_000))
+    data = os.urandom(9 << 20) + rep + os.urandom(3 << 20) + rep + text + os.urandom(20 << 20) + rep
+    src = tmp_path / "d"
+    src.mkdir()
+    (src / "big.bin").write_bytes(data)
+    vault = liferaft.Vault(vault_url)
+    snap = vault.snapshot([src], run="r")
+    repo = vault.repository()
+    assert _file_blobs(vault, snap.id, "d/big.bin") == _stream_cuts(repo, data)
+    assert snap.stats["stored_bytes"] < len(data) - len(rep) - len(text) // 2  # a repeat shares all but its edge chunks
+    assert {e[1] for e in repo.index().values()} == {fmt.CODEC_RAW, fmt.CODEC_ZSTD}
+    vault.restore(snap.id, to=tmp_path / "back")
+    assert (tmp_path / "back" / "d" / "big.bin").read_bytes() == data
+    assert vault.verify(read_data=True).ok
+
+
+def test_append_to_a_known_large_file_moves_duplicates_down(vault_url: str, tmp_path: Path) -> None:
+    # The second snapshot reads 48 MiB it already has before the new 8 MiB: whole pack
+    # buffers of duplicates are reused in place, and only the new bytes are stored.
+    src = tmp_path / "d"
+    src.mkdir()
+    old = os.urandom(48 << 20)
+    (src / "events").write_bytes(old)
+    vault = liferaft.Vault(vault_url)
+    vault.snapshot([src], run="r")
+    before = sum(_packs(vault))
+    new = old + os.urandom(8 << 20)
+    (src / "events").write_bytes(new)
+    snap = vault.snapshot([src], run="r")
+    assert _file_blobs(vault, snap.id, "d/events") == _stream_cuts(vault.repository(), new)
+    assert sum(_packs(vault)) - before < (8 << 20) + (5 << 20)
+    vault.restore(snap.id, to=tmp_path / "back")
+    assert (tmp_path / "back" / "d" / "events").read_bytes() == new
+    assert vault.verify(read_data=True).ok
+
+
+def test_a_few_changed_large_files_and_small_ones_make_one_pack(
+    local_vault: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each reader's last, small pack is adopted by (or merged into) the shared pack that
+    # small files and the tree fill: one pack, not one per reader.
+    from liferaft.vault import snapshot as snapshot_mod
+
+    monkeypatch.setattr(snapshot_mod, "_readers", lambda: 3)
+    src = tmp_path / "d"
+    src.mkdir()
+    files = {f"ckpt-{i}.pt": os.urandom((1 << 20) + 4096 * (i + 1)) for i in range(3)}
+    files |= {f"log-{i}.txt": os.urandom(3000) for i in range(20)}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    vault = liferaft.Vault(local_vault)
+    snap = vault.snapshot([src], run="r")
+    assert len(_packs(vault)) == 1
+    assert snap.stats["added_bytes"] >= sum(len(v) for v in files.values())
+    vault.restore(snap.id, to=tmp_path / "back")
+    for name, data in files.items():
+        assert (tmp_path / "back" / "d" / name).read_bytes() == data
+    assert vault.verify(read_data=True).ok
+
+
+def test_packs_stay_within_their_size_bound(local_vault: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from liferaft.vault import snapshot as snapshot_mod
+
+    monkeypatch.setattr(snapshot_mod, "_readers", lambda: 2)
+    src = tmp_path / "d"
+    src.mkdir()
+    for i in range(3):
+        (src / f"shard-{i}").write_bytes(os.urandom(40 << 20))
+    vault = liferaft.Vault(local_vault)
+    vault.snapshot([src], run="r")
+    repo = vault.repository()
+    sizes = _packs(vault)
+    bound = repo.pack_target + repo.chunker.max_size + (2 << 20)
+    assert max(sizes) <= bound, sizes
+    assert sum(s >= repo.pack_target for s in sizes) >= len(sizes) - 2, sizes  # only the last ones are short
