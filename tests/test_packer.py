@@ -111,3 +111,26 @@ def test_packs_stay_within_their_size_bound(local_vault: str, tmp_path: Path, mo
     bound = repo.pack_target + repo.chunker.max_size + (2 << 20)
     assert max(sizes) <= bound, sizes
     assert sum(s >= repo.pack_target for s in sizes) >= len(sizes) - 2, sizes  # only the last ones are short
+
+
+def test_a_staged_put_appears_only_when_finished_and_owns_its_bytes(tmp_path: Path) -> None:
+    from liferaft.backends import LocalBackend, ObjectExists
+
+    backend = LocalBackend(tmp_path / "v")
+    data = bytearray(os.urandom(3 << 20))
+    expect = bytes(data)
+    finish = backend.put_staged("packs/ab/one", data)
+    data[:] = bytes(len(data))  # the buffer is the caller's again at once
+    assert not backend.exists("packs/ab/one")
+    finish()
+    assert backend.get("packs/ab/one") == expect
+
+    # The name taken between the write and the finish: refused, no temp file left.
+    finish = backend.put_staged("packs/ab/two", b"mine")
+    backend.put("packs/ab/two", b"theirs")
+    with pytest.raises(ObjectExists):
+        finish()
+    assert backend.get("packs/ab/two") == b"theirs"
+    assert sorted(p.name for p in (tmp_path / "v" / "packs" / "ab").iterdir()) == ["one", "two"]
+    with pytest.raises(ObjectExists):
+        backend.put_staged("packs/ab/one", b"again")

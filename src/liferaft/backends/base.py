@@ -9,7 +9,7 @@ true: that is the vault's commit point.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..errors import LiferaftError
@@ -63,6 +63,10 @@ class ObjectInfo:
     mtime: float
 
 
+def _done() -> None:
+    pass
+
+
 class Backend(abc.ABC):
     """A flat namespace of immutable-ish byte objects."""
 
@@ -75,6 +79,13 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
         """Store ``data`` under ``name``; with ``overwrite=False`` raise ObjectExists if taken."""
+
+    def put_staged(self, name: str, data: bytes | bytearray | memoryview) -> Callable[[], None]:
+        """Create-only ``put`` in two steps: write ``data`` now, so the caller may reuse its
+        buffer on return, and make it durable and visible when the returned function is
+        called (which raises what ``put`` would). By default the whole put happens now."""
+        self.put(name, data, overwrite=False)
+        return _done
 
     @abc.abstractmethod
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:

@@ -475,6 +475,7 @@ class _PackBuffer:
         return memoryview(self.buf)[: self.n]
 
 
+_SYNCS_PENDING = 16  # packs written and not yet fsynced, each an open file
 _READ_SLACK = 1 << 20  # read-ahead room past one max-size chunk
 _HEADER_ROOM = 64 << 10  # a pack header of ~1500 entries fits without growing the buffer
 
@@ -646,6 +647,9 @@ class WriteSession:
         self._entries: list[fmt.PackEntry] = []
         self._packs: dict[str, tuple[int, list[fmt.PackEntry]]] = {}
         self._pool = ThreadPoolExecutor(upload_workers, thread_name_prefix="liferaft-upload")
+        self._sync_pool = ThreadPoolExecutor(upload_workers, thread_name_prefix="liferaft-sync")
+        self._sync_futures: list[Future[None]] = []
+        self._syncs_pending = threading.BoundedSemaphore(_SYNCS_PENDING)
         self._futures: list[Future[None]] = []
         self._error: BaseException | None = None
         self.added_bytes = 0
@@ -801,15 +805,36 @@ class WriteSession:
         return packer
 
     def _upload(self, pack_id: str, buf: _PackBuffer) -> None:
+        """Write a pack; its buffer is free once the bytes are written, and its fsync (a
+        local vault's) runs in the sync pool, at most ``_SYNCS_PENDING`` behind."""
+        finish = None
+        self._syncs_pending.acquire()
         try:
-            self.backend.put(pack_name(pack_id), buf.view(), overwrite=False)
+            finish = self.backend.put_staged(pack_name(pack_id), buf.view())
         except ObjectExists:
             pass  # same bytes, random nonce: only a retry of ours can collide
         except BaseException as err:  # surfaced by the next call
-            if self._error is None:
-                self._error = self._convert(err)
+            self._failed(err)
         finally:
             self._free.put(buf)
+            if finish is None:
+                self._syncs_pending.release()
+        if finish is not None:
+            self._sync_futures.append(self._sync_pool.submit(self._finish, finish))
+
+    def _finish(self, finish: Callable[[], None]) -> None:
+        try:
+            finish()
+        except ObjectExists:
+            pass
+        except BaseException as err:
+            self._failed(err)
+        finally:
+            self._syncs_pending.release()
+
+    def _failed(self, err: BaseException) -> None:
+        if self._error is None:
+            self._error = self._convert(err)
 
     def flush(self) -> list[str]:
         """Seal the open packs, wait for uploads, write this session's index fragment."""
@@ -818,6 +843,9 @@ class WriteSession:
         for fut in self._futures:
             fut.result()
         self._futures.clear()
+        for fut in self._sync_futures:  # complete: every upload has queued its sync
+            fut.result()
+        self._sync_futures.clear()
         self._check()
         if not self._packs:
             return []
@@ -852,6 +880,7 @@ class WriteSession:
         self.closed = True
         self._stop.set()
         self._pool.shutdown(wait=True)
+        self._sync_pool.shutdown(wait=True)
         try:
             self.backend.delete(self.lock_name)
         except BackendError:
