@@ -72,9 +72,7 @@ def test_append_to_a_known_large_file_moves_duplicates_down(vault_url: str, tmp_
     assert vault.verify(read_data=True).ok
 
 
-def test_a_few_changed_large_files_and_small_ones_make_one_pack(
-    local_vault: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_few_changed_large_files_and_small_ones_make_one_pack(local_vault: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Each reader's last, small pack is adopted by (or merged into) the shared pack that
     # small files and the tree fill: one pack, not one per reader.
     from liferaft.vault import snapshot as snapshot_mod

@@ -736,7 +736,9 @@ class WriteSession:
             raise
         return blob_id
 
-    def _append(self, blob_id: bytes, codec: int, stored: bytes | bytearray | memoryview, raw_length: int, *, counted: bool = False) -> None:
+    def _append(
+        self, blob_id: bytes, codec: int, stored: bytes | bytearray | memoryview, raw_length: int, *, counted: bool = False
+    ) -> None:
         """Append a claimed blob to the shared open pack, sealing it when full."""
         with self._add_lock:
             if self._cur is None:
