@@ -26,6 +26,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _publish(tmp: Path, final: Path, name: str) -> None:
+    """Give a written temp file its name, create-only (ObjectExists if taken)."""
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise ObjectExists(name) from None
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        # No hard links (some FUSE mounts): check, then rename. Not atomic against a
+        # concurrent writer of the same name, which the vault avoids by unique names
+        # (random packs, content-named manifests); never an empty placeholder a reader
+        # could see.
+        if final.exists():
+            raise ObjectExists(name) from None
+        os.rename(tmp, final)
+
+
 def _unlink_quietly(path: Path) -> None:
     try:
         os.unlink(path)
@@ -75,10 +100,7 @@ class LocalBackend(Backend):
         """Write a fresh temp file whole, fsynced unless told not to."""
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            _write_all(fd, data)
             if self.fsync:
                 os.fsync(fd)
         finally:
@@ -97,19 +119,7 @@ class LocalBackend(Backend):
                 os.replace(tmp, final)
             else:
                 try:
-                    os.link(tmp, final)
-                except FileExistsError:
-                    raise ObjectExists(name) from None
-                except OSError as err:
-                    if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
-                        raise
-                    # No hard links (some FUSE mounts): check, then rename. Not atomic
-                    # against a concurrent writer of the same name, which the vault avoids
-                    # by unique names (random packs, content-named manifests); never an
-                    # empty placeholder a reader could see.
-                    if final.exists():
-                        raise ObjectExists(name) from None
-                    os.rename(tmp, final)
+                    _publish(tmp, final, name)
                 finally:
                     if tmp.exists():
                         os.unlink(tmp)
@@ -142,10 +152,7 @@ class LocalBackend(Backend):
         except OSError as err:
             _raise_os(err, name)
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            _write_all(fd, data)
         except OSError as err:
             os.close(fd)
             _unlink_quietly(tmp)
@@ -158,16 +165,7 @@ class LocalBackend(Backend):
                         os.fsync(fd)
                 finally:
                     os.close(fd)
-                try:
-                    os.link(tmp, final)
-                except FileExistsError:
-                    raise ObjectExists(name) from None
-                except OSError as err:
-                    if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
-                        raise
-                    if final.exists():  # no hard links: check, then rename (see put)
-                        raise ObjectExists(name) from None
-                    os.rename(tmp, final)
+                _publish(tmp, final, name)
                 if self.fsync:
                     _fsync_dir(folder)
             except OSError as err:
