@@ -132,3 +132,31 @@ def test_a_staged_put_appears_only_when_finished_and_owns_its_bytes(tmp_path: Pa
     assert sorted(p.name for p in (tmp_path / "v" / "packs" / "ab").iterdir()) == ["one", "two"]
     with pytest.raises(ObjectExists):
         backend.put_staged("packs/ab/one", b"again")
+
+
+def test_buffers_of_different_sizes_never_end_a_file_early(local_vault: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A buffer grows when a pack header outgrows its room (thousands of tiny blobs) and
+    # goes back to the pool grown. A file that starts in a big buffer and rolls into a
+    # normal one must be read to its end: here every other buffer is 2 MiB larger, and
+    # the file's second half repeats its first, so cuts run without a roll after each.
+    from liferaft.vault import repository as repo_mod
+
+    made = []
+
+    class Uneven(repo_mod._PackBuffer):
+        def __init__(self, capacity: int) -> None:
+            made.append(capacity)
+            super().__init__(capacity + (2 << 20 if len(made) % 2 else 0))
+
+    monkeypatch.setattr(repo_mod, "_PackBuffer", Uneven)
+    half = os.urandom(30 << 20)
+    src = tmp_path / "d"
+    src.mkdir()
+    (src / "ckpt").write_bytes(half + half)
+    vault = liferaft.Vault(local_vault)
+    snap = vault.snapshot([src], run="r")
+    assert snap.stats["changed_during_read"] == []
+    assert len(made) >= 2
+    assert _file_blobs(vault, snap.id, "d/ckpt") == _stream_cuts(vault.repository(), half + half)
+    vault.restore(snap.id, to=tmp_path / "back")
+    assert (tmp_path / "back" / "d" / "ckpt").read_bytes() == half + half

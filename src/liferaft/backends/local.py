@@ -153,10 +153,12 @@ class LocalBackend(Backend):
             _raise_os(err, name)
         try:
             _write_all(fd, data)
-        except OSError as err:
+        except BaseException as err:
             os.close(fd)
             _unlink_quietly(tmp)
-            _raise_os(err, name)
+            if isinstance(err, OSError):
+                _raise_os(err, name)
+            raise
 
         def finish() -> None:
             try:

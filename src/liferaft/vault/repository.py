@@ -507,7 +507,6 @@ class StreamPacker:
             self.buf = s._take_buffer()
         ids: list[bytes] = []
         total = 0
-        limit = len(self.buf.buf) - _HEADER_ROOM
         target = s.repo.pack_target
         mv = memoryview(self.buf.buf)
         r = w = self.buf.n  # bytes [r, w) are read and not yet cut
@@ -515,6 +514,7 @@ class StreamPacker:
         try:
             while True:
                 while not eof and w - r < self.max:
+                    limit = len(self.buf.buf) - _HEADER_ROOM  # this buffer's: a grown one may be in the pool
                     if w >= limit:
                         mv, r, w = self._roll(mv, r, w)
                         continue
@@ -766,7 +766,9 @@ class WriteSession:
             if make:
                 self._buffers += 1
         buf = _PackBuffer(self._capacity) if make else self._free.get()
-        self._check()
+        if self._error is not None:
+            self._free.put(buf)  # back for whoever else waits, then the error
+            self._check()
         buf.n = 0
         return buf
 
@@ -774,13 +776,20 @@ class WriteSession:
         self._free.put(buf)
 
     def _send(self, buf: _PackBuffer, entries: list[fmt.PackEntry]) -> None:
-        """Seal a pack (header and trailer after its blobs) and start its upload."""
-        header = fmt.build_pack_header(os.urandom(16), entries)
-        buf.append(header)
-        pack_id = fmt.pack_id(header)
-        with self._pool_lock:
-            self._packs[pack_id] = (buf.n, entries)
-            self._futures.append(self._pool.submit(self._upload, pack_id, buf))
+        """Seal a pack (header and trailer after its blobs) and start its upload.
+
+        Its blobs are claimed in ``known``: if this fails they are lost, so the session
+        is failed too and will not commit (whoever catches this error)."""
+        try:
+            header = fmt.build_pack_header(os.urandom(16), entries)
+            buf.append(header)
+            pack_id = fmt.pack_id(header)
+            with self._pool_lock:
+                self._packs[pack_id] = (buf.n, entries)
+                self._futures.append(self._pool.submit(self._upload, pack_id, buf))
+        except BaseException as err:
+            self._failed(err)
+            raise
 
     def _seal(self) -> None:
         with self._add_lock:
@@ -822,7 +831,10 @@ class WriteSession:
             if finish is None:
                 self._syncs_pending.release()
         if finish is not None:
-            self._sync_futures.append(self._sync_pool.submit(self._finish, finish))
+            try:
+                self._sync_futures.append(self._sync_pool.submit(self._finish, finish))
+            except BaseException:  # no pool (interpreter shutting down): finish here
+                self._finish(finish)
 
     def _finish(self, finish: Callable[[], None]) -> None:
         try:
