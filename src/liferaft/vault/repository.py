@@ -492,10 +492,10 @@ class StreamPacker:
     or at the end of the file. Not thread-safe: each thread makes its own.
     """
 
-    def __init__(self, session: WriteSession, cdc: Any, max_size: int) -> None:
+    def __init__(self, session: WriteSession, cdc: Any) -> None:
         self.session = session
         self.cdc = cdc
-        self.max = max_size
+        self.max: int = cdc.max_size
         self.buf: _PackBuffer | None = None
         self.entries: list[fmt.PackEntry] = []
 
@@ -580,12 +580,8 @@ class StreamPacker:
     def _seal(self) -> None:
         buf, entries = self.buf, self.entries
         self.buf, self.entries = None, []
-        if buf is None:
-            return
-        if entries:
+        if buf is not None:
             self.session._send(buf, entries)
-        else:
-            self.session._give_back(buf)
 
     def close(self) -> None:
         """Seal the open pack, unless it is small: then it becomes (or goes into) the
@@ -772,14 +768,15 @@ class WriteSession:
         buf.n = 0
         return buf
 
-    def _give_back(self, buf: _PackBuffer) -> None:
-        self._free.put(buf)
-
     def _send(self, buf: _PackBuffer, entries: list[fmt.PackEntry]) -> None:
-        """Seal a pack (header and trailer after its blobs) and start its upload.
+        """Seal a pack (header and trailer after its blobs) and start its upload; a buffer
+        with no blobs goes back to the pool.
 
         Its blobs are claimed in ``known``: if this fails they are lost, so the session
         is failed too and will not commit (whoever catches this error)."""
+        if not entries:
+            self._free.put(buf)
+            return
         try:
             header = fmt.build_pack_header(os.urandom(16), entries)
             buf.append(header)
@@ -795,21 +792,17 @@ class WriteSession:
         with self._add_lock:
             buf, entries = self._cur, self._entries
             self._cur, self._entries = None, []
-        if buf is None:
-            return
-        if entries:
+        if buf is not None:
             self._send(buf, entries)
-        else:
-            self._give_back(buf)
 
     def close_packers(self) -> None:
         """Seal the packers' open packs (see ``StreamPacker.close``); no packer is in use."""
         for packer in self._packers:
             packer.close()
 
-    def packer(self, cdc: Any, max_size: int) -> StreamPacker:
-        """A packer for one thread's large files (see ``StreamPacker``)."""
-        packer = StreamPacker(self, cdc, max_size)
+    def packer(self, cdc: Any) -> StreamPacker:
+        """A packer for one thread's large files (see ``StreamPacker``), cutting with ``cdc``."""
+        packer = StreamPacker(self, cdc)
         with self._pool_lock:
             self._packers.append(packer)
             self._max_buffers += 1

@@ -156,7 +156,7 @@ class _Reader:
 
             p = self.params
             cdc = pyfastcdc.FastCDC(p.avg_size, min_size=p.min_size, max_size=p.max_size, seed=p.seed)
-            self._packer = self.session.packer(cdc, p.max_size)
+            self._packer = self.session.packer(cdc)
         return self._packer
 
     def read(self, item: _Item, progress: Progress) -> list[str] | None:
