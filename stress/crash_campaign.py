@@ -21,7 +21,8 @@ proves it the blunt way:
 * restore phase: ``python -m liferaft restore ID --to DIR`` is killed at random into a
   fresh folder, into a folder holding an older version of every file, or into the
   folder a previous kill left behind. Every name in the target is a whole file of one
-  of the versions (or a ``.liferaft-*.tmp`` temp file); a rerun restores exactly.
+  of the versions (or a ``.liferaft-*.tmp`` temp file); a rerun restores exactly and
+  removes the temp files that the killed restores left.
 * creation phase (script only): the very first snapshot into an empty folder is
   killed while it writes ``config.json``; the next snapshot must work.
 
@@ -52,7 +53,7 @@ from typing import Any
 
 RUN = "crash"
 ROOT_NAME = "work"
-RESTORE_TEMP = re.compile(r"^\.liferaft-[0-9a-f]{12}\.tmp$")
+RESTORE_TEMP = re.compile(r"^\.liferaft-(?:[0-9a-f]{8}-[0-9]+-)?[0-9a-f]{12}\.tmp$")
 VAULT_TEMP = ".tmp-"
 SNAPSHOT_EVENTS = ("pack_tmp", "pack", "index_tmp", "index", "manifest_tmp", "manifest", "lock_gone")
 WATCH = {"pack_tmp": "packs", "pack": "packs", "index_tmp": "index", "index": "index", "manifest_tmp": "snapshots", "manifest": "snapshots"}
@@ -931,6 +932,7 @@ class RestoreCampaign:
                 continue
             if RESTORE_TEMP.match(p.rsplit("/", 1)[-1]):
                 rep.stale_restore_temps += 1
+                rep.violate(f"{where}: after the rerun a killed restore's temp file {p} is still there")
             elif p not in state_a:
                 rep.violate(f"{where}: after the rerun {p} exists in neither version")
 

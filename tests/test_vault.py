@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -413,3 +418,79 @@ def test_idle_pass_writes_nothing(local_vault: str, tmp_path: Path) -> None:
     (src / "b").write_text("y")
     changed = vault.snapshot([src], run="r", skip_unchanged=True)
     assert not changed.unchanged and changed.id != first.id
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (reaped, so not even a zombie)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_restore_clears_only_temps_that_killed_restores_left(tmp_path: Path) -> None:
+    from liferaft.platform import pid_scope
+    from liferaft.vault.restore import is_restore_temp
+
+    scope = pid_scope()
+    assert scope, "this test needs /proc (Linux)"
+    work = make_tree(tmp_path / "w", {"model.pt": os.urandom(50_000), "logs/events": "e" * 100})
+    vault = liferaft.Vault(tmp_path / "vault")
+    vault.snapshot([work], run="r")
+    dead, other = _dead_pid(), "0badf00d" if scope != "0badf00d" else "0badf00e"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = [work / f".liferaft-{scope}-{dead}-{'a' * 12}.tmp", work / "logs" / f".liferaft-{scope}-{dead}-{'b' * 12}.tmp"]
+        kept = [
+            work / f".liferaft-{scope}-{sleeper.pid}-{'c' * 12}.tmp",  # a restore still running
+            work / f".liferaft-{other}-{dead}-{'d' * 12}.tmp",  # another machine's or container's
+            work / f".liferaft-{'e' * 12}.tmp",  # unstamped (0.1): whose, nobody knows
+            work / ".liferaft-notes.tmp",  # not a name liferaft makes
+        ]
+        for p in stale + kept:
+            p.write_bytes(b"half a file")
+        os.symlink("model.pt", work / f".liferaft-{scope}-{dead}-{'f' * 12}.tmp")  # a link's temp
+        stale.append(work / f".liferaft-{scope}-{dead}-{'f' * 12}.tmp")
+        assert all(is_restore_temp(p.name) for p in stale + kept[:3]) and not is_restore_temp(kept[3].name)
+
+        # A snapshot never takes a restore's temp files, whoever left them.
+        snap = vault.snapshot([work], run="r2")
+        names = {e.path.rsplit("/", 1)[-1] for e in vault.tree(snap)}
+        assert ".liferaft-notes.tmp" in names and not any(is_restore_temp(n) for n in names)
+
+        result = vault.restore(run="r")
+        assert result is not None and result.stale_temps_removed == len(stale)
+        assert not any(os.path.lexists(p) for p in stale)
+        assert all(p.read_bytes() == b"half a file" for p in kept)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_rerun_after_a_killed_restore_leaves_no_temp_files(tmp_path: Path) -> None:
+    """SIGKILL a real ``liferaft restore`` once its temp files exist; the rerun clears them."""
+    rng = random.Random(5)
+    src = make_tree(tmp_path / "src", {f"d{i % 8}/f{i:03d}.bin": rng.randbytes(200_000) for i in range(300)})
+    vault = tmp_path / "vault"
+    liferaft.Vault(vault).snapshot([src], run="r")
+    target = tmp_path / "target"
+    cmd = [sys.executable, "-m", "liferaft", "--vault", str(vault), "restore", "--run", "r", "--to", str(target)]
+    left: list[Path] = []
+    for _attempt in range(5):  # the kill must land between the first temp and the last rename
+        shutil.rmtree(target, ignore_errors=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            if target.exists() and any(p.name.startswith(".liferaft-") for p in target.rglob(".liferaft-*")):
+                proc.kill()
+                break
+            time.sleep(0.001)
+        proc.wait()
+        left = list(target.rglob(".liferaft-*.tmp")) if target.exists() else []
+        if proc.returncode == -signal.SIGKILL and left:
+            break
+    assert left, "no restore was killed while it had temp files"
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"removed {len(left)} temp file(s) an interrupted restore had left" in out.stdout
+    assert not list(target.rglob(".liferaft-*"))
+    assert tree_state(target / "src") == tree_state(src)

@@ -238,6 +238,7 @@ def restore(ctx: Ctx, snapshot_id: str | None, run: str | None, to: str | None) 
                 "to": {k: str(v) for k, v in result.destinations.items()},
                 "fallbacks": result.fallbacks,
                 "skipped_links": result.skipped_links,
+                "stale_temps_removed": result.stale_temps_removed,
             }
         )
         return
@@ -245,6 +246,8 @@ def restore(ctx: Ctx, snapshot_id: str | None, run: str | None, to: str | None) 
     ctx.say(
         f"restored snapshot {result.snapshot.short_id} (run {result.snapshot.run!r}, step {result.snapshot.step}): {result.files} files, {_size(result.nbytes)} → {where}"
     )
+    if result.stale_temps_removed:
+        ctx.say(f"removed {result.stale_temps_removed} temp file(s) an interrupted restore had left there")
 
 
 @main.command()

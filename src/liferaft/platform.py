@@ -11,6 +11,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -26,6 +27,40 @@ def hostname() -> str:
     if hasattr(os, "uname"):
         return os.uname().nodename
     return os.environ.get("COMPUTERNAME", "")  # pragma: no cover - Windows
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs here; True whenever that cannot be told."""
+    if pid == os.getpid() or pid <= 0 or os.name == "nt":  # on Windows os.kill(pid, 0) would end it
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True
+
+
+@functools.cache
+def pid_scope() -> str:
+    """A tag two processes share only when their pids name the same processes, or "".
+
+    On Linux: the kernel's boot id and the pid namespace, so a container sharing a
+    folder (or a vault) with its host, or another machine of the same name, never
+    passes for this one. Elsewhere: the host name on POSIX, "" (never comparable) on
+    Windows. A file or lock stamped with this tag and a pid that is not alive here
+    belongs to a process that is gone.
+    """
+    import hashlib
+
+    try:
+        parts = [Path("/proc/sys/kernel/random/boot_id").read_text().strip(), str(os.stat("/proc/self/ns/pid").st_ino)]
+    except OSError:
+        parts = [] if os.name == "nt" or sys.platform.startswith("linux") else [hostname()]
+    if not parts or not all(parts):
+        return ""
+    return hashlib.blake2s("\0".join(parts).encode(), digest_size=4).hexdigest()
 
 
 #: Published per-session caps, in seconds. Conservative: the free tiers' numbers.

@@ -27,6 +27,7 @@ from typing import Any
 
 import blake3
 
+from ..platform import pid_alive
 from .state import PICKLE, TENSORS, CheckpointDamaged, Staged, hash_file, write_bytes, write_tensors
 
 MANIFEST = "liferaft-checkpoint.json"
@@ -188,23 +189,11 @@ class Naming:
             parts = de.name.split("-", 2)
             if len(parts) < 3 or parts[0] not in ("tmp", "trash", "fetch") or not parts[1].isdigit():
                 continue
-            if _alive(int(parts[1])):
+            if pid_alive(int(parts[1])):
                 continue
             shutil.rmtree(de.path, ignore_errors=True)
             removed += 1
         return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def install(naming: Naming, tmp: Path, step: int) -> Path:

@@ -142,6 +142,8 @@ def _local_entries(root: Path) -> dict[str, os.stat_result] | None:
 
     None when the path does not exist; empty dict for a folder with no files or links.
     """
+    from ..vault.restore import is_restore_temp
+
     try:
         st = os.stat(root)  # the root a user names may be a link (e.g. to a Drive folder)
     except FileNotFoundError:
@@ -167,7 +169,7 @@ def _local_entries(root: Path) -> dict[str, os.stat_result] | None:
             elif stat.S_ISLNK(est.st_mode) or stat.S_ISREG(est.st_mode):
                 if stat.S_ISREG(est.st_mode) and _is_secret(de.name):
                     continue  # never in a snapshot, so not a difference
-                if de.name.startswith(".liferaft-") and de.name.endswith(".tmp"):
+                if is_restore_temp(de.name):
                     continue  # an interrupted restore's temp file
                 out[path] = est
     return out

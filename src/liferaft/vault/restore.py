@@ -11,6 +11,7 @@ links that point out of the tree are not created.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import threading
 from collections import defaultdict
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from ..backends import ObjectNotFound
 from ..errors import RestoreRefused, VaultCorrupt
+from ..platform import pid_alive, pid_scope
 from ..progress import Progress, SyncedProgress
 from . import format as fmt
 from .repository import Repository, SnapshotInfo
@@ -29,6 +31,48 @@ from .statcache import StatCache, stat_key
 SEGMENT = 8 << 20
 GAP = 1 << 20
 _CREATE = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+# A restore's temp files: ``.liferaft-SCOPE-PID-RANDOM.tmp`` (see ``platform.pid_scope``),
+# or ``.liferaft-RANDOM.tmp`` from liferaft 0.1, which carried no owner.
+_TEMP = re.compile(r"\.liferaft-(?:([0-9a-f]{8})-([0-9]{1,10})-)?[0-9a-f]{12}\.tmp")
+
+
+def is_restore_temp(name: str) -> bool:
+    """Whether a file name is a restore's temp file (never user data: snapshots skip it)."""
+    return name.startswith(".liferaft-") and _TEMP.fullmatch(name) is not None
+
+
+def _temp_name() -> str:
+    return f".liferaft-{pid_scope() or '00000000'}-{os.getpid()}-{os.urandom(6).hex()}.tmp"
+
+
+def sweep_temps(folder: str | os.PathLike[str]) -> int:
+    """Remove the temp files that killed restores left in ``folder``; return how many.
+
+    Only files stamped with this machine's pid scope and a pid that is not alive are
+    removed: a running restore's temps, another machine's and old unstamped ones stay.
+    """
+    removed = 0
+    scope = pid_scope()
+    if not scope:
+        return 0
+    try:
+        with os.scandir(folder) as it:
+            names = [de.name for de in it if de.name.startswith(".liferaft-")]
+    except OSError:
+        return 0
+    for name in names:
+        m = _TEMP.fullmatch(name)
+        if m is None or m.group(1) != scope or pid_alive(int(m.group(2))):
+            continue
+        try:
+            path = os.path.join(folder, name)
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                os.unlink(path)
+                removed += 1
+        except OSError:
+            pass
+    return removed
 
 
 def _finish_file(fd: int, f: fmt.Entry) -> None:
@@ -48,6 +92,7 @@ class RestoreResult:
     nbytes: int = 0
     skipped_links: list[str] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
+    stale_temps_removed: int = 0  # left by restores that were killed (see sweep_temps)
 
 
 def _check_source(source: str) -> Path:
@@ -98,6 +143,18 @@ class _Tree:
     def __init__(self) -> None:
         self.made: set[Path] = set()
         self.created: list[Path] = []  # folders this restore made, parents first
+        self.new: set[Path] = set()  # the same, for lookups
+        self.swept: set[str] = set()
+        self.stale_removed = 0
+
+    def sweep(self, folder: str | os.PathLike[str]) -> None:
+        """Once per folder that was there before this restore: clear killed restores' temps."""
+        key = os.fspath(folder)
+        if key in self.swept:
+            return
+        self.swept.add(key)
+        if Path(key) not in self.new:
+            self.stale_removed += sweep_temps(key)
 
     def remove_created(self) -> None:
         """Take back the folders of a restore that failed before showing anything."""
@@ -121,6 +178,7 @@ class _Tree:
                 p = p.parent
             os.makedirs(root, exist_ok=True)
             self.created += reversed(missing)
+            self.new.update(missing)
         self.made.add(root)
 
     def ensure(self, root: Path, rel_parts: list[str]) -> Path:
@@ -135,6 +193,7 @@ class _Tree:
             except FileNotFoundError:
                 os.mkdir(path, 0o755)
                 self.created.append(path)
+                self.new.add(path)
             else:
                 if not stat.S_ISDIR(st.st_mode):
                     raise RestoreRefused(
@@ -217,7 +276,8 @@ def restore_snapshot(
                     raise RestoreRefused(f"{final} is a folder where the snapshot has a file", "move it away or restore with --to DIR")
             except FileNotFoundError:
                 pass
-            temps[i] = os.path.join(parent, f".liferaft-{os.urandom(6).hex()}.tmp")
+            tree.sweep(parent)
+            temps[i] = os.path.join(parent, _temp_name())
             finals[i] = final
             if not f.blobs:
                 _finish_file(os.open(temps[i], _CREATE, 0o600), f)
@@ -237,7 +297,8 @@ def restore_snapshot(
                 continue
             parent = tree.ensure(dests[root], rel[:-1])
             final = parent / rel[-1]
-            tmp = parent / f".liferaft-{os.urandom(6).hex()}.tmp"
+            tree.sweep(parent)
+            tmp = parent / _temp_name()
             os.symlink(e.target, tmp)
             try:
                 if stat.S_ISDIR(os.lstat(final).st_mode):
@@ -268,6 +329,7 @@ def restore_snapshot(
                 pass
         if not shown:
             tree.remove_created()
+    result.stale_temps_removed = tree.stale_removed
     if update_cache:
         _record_cache(repo, dests, files)
     return result

@@ -24,6 +24,7 @@ from ..platform import hostname
 from ..progress import Progress, SyncedProgress
 from . import format as fmt
 from .repository import Repository, SnapshotInfo, StreamPacker, WriteSession, info_from_manifest
+from .restore import is_restore_temp
 from .statcache import StatCache, stat_key
 
 # Never snapshotted unless asked: credentials that must not leave the machine.
@@ -109,6 +110,8 @@ def _walk(root: Path, name: str, result: WalkResult, skip: set[str], include_sec
             path = f"{rel}/{de.name}"
             if de.path in skip:
                 continue
+            if is_restore_temp(de.name) and not de.is_dir(follow_symlinks=False):
+                continue  # a running or killed restore's temp file, never user data
             if "\\" in de.name or "\x00" in de.name:
                 result.skipped.append(f"{de.path}: name not portable")
                 continue
