@@ -15,9 +15,9 @@ proves it the blunt way:
   snapshot appeared and it is the step just attempted, the newest snapshot restores
   without fallback to the exact bytes, modes and mtimes the tree had at its step, and
   so does one older snapshot picked at random. At the end (and every ``prune_every``
-  steps) the dead writers' sessions are aged past the staleness limit and ``prune``
-  must remove all garbage (orphan packs, ``.tmp-*`` files, dead sessions) and leave
-  every snapshot restorable.
+  steps) ``prune`` must take the killed writers' sessions (and a killed prune's lock)
+  for dead at once, since their pids are gone on this machine, remove all garbage
+  (orphan packs, ``.tmp-*`` files, dead sessions) and leave every snapshot restorable.
 * restore phase: ``python -m liferaft restore ID --to DIR`` is killed at random into a
   fresh folder, into a folder holding an older version of every file, or into the
   folder a previous kill left behind. Every name in the target is a whole file of one
@@ -414,30 +414,6 @@ class Report:
 # ---------------------------------------------------------------- vault checks
 
 
-def age_dead_sessions(vault: Path) -> int:
-    """Make the locks of killed writers (and of a killed prune) look as 5 minutes of silence would.
-
-    Only this campaign's processes write to its vaults and all of them are dead
-    (waited for) when this runs; a real vault reaches the same state by waiting
-    STALE_AFTER seconds, after which prune treats the sessions as dead.
-    """
-    from liferaft.vault.repository import STALE_AFTER
-
-    past = time.time() - 2 * STALE_AFTER
-    n = 0
-    for p in sorted((vault / "locks").glob("*.json")):  # writer sessions and a killed prune's lock
-        try:
-            doc = json.loads(p.read_bytes())
-        except (OSError, ValueError):
-            doc = None
-        doc = doc if isinstance(doc, dict) else {}
-        doc["refreshed"] = past
-        p.write_text(json.dumps(doc))
-        os.utime(p, (past, past))
-        n += 1
-    return n
-
-
 def dangling_index_entries(vault: Path) -> int:
     """Index entries naming a pack that is not in the vault: the commit order forbids them."""
     from liferaft.api import Vault
@@ -685,11 +661,11 @@ class SnapshotCampaign:
             Vault(str(self.vault)).forget(run=RUN, keep_last=self.keep_last)
             listed = {s.id for s in Vault(str(self.vault)).snapshots(run=RUN)}
             self.committed = {i: s for i, s in self.committed.items() if i in listed}
-        aged = age_dead_sessions(self.vault)
+        # No lock is aged by hand: every writer and prune that held one was killed here,
+        # and a lock whose pid is gone in this pid scope is dead at once.
         before = garbage(self.vault)
         if self.prune_kills:
             self.kill_prune(label)
-            age_dead_sessions(self.vault)
         try:
             pr = maintenance.prune(Vault(str(self.vault)).repository(), wait=10.0, temp_age=0)
         except Exception as err:
@@ -699,7 +675,6 @@ class SnapshotCampaign:
         rep.prunes.append(
             {
                 "when": label,
-                "locks_aged": aged,
                 **{f"before_{k}": v for k, v in before.items() if v},
                 "packs_deleted": pr.packs_deleted,
                 "packs_repacked": pr.packs_repacked,

@@ -812,3 +812,81 @@ def test_vault_folder_with_only_an_interrupted_create_is_usable(tmp_path: Path) 
     (vault / ".tmp-0123456789abcdef").write_bytes(b'{"format": 1')  # config.json being written
     snap = liferaft.Vault(str(vault)).snapshot([make_tree(tmp_path / "d", {"f": "x"})], run="r")
     assert liferaft.Vault(str(vault)).snapshots()[0].id == snap.id
+
+
+_HOLD_SESSION = """
+import sys, time
+from liferaft.backends import LocalBackend
+from liferaft.vault.repository import Repository
+session = Repository.open(LocalBackend(sys.argv[1])).session()
+session.add(bytes.fromhex(sys.argv[2]))  # deduplicated against the forgotten snapshot's pack
+print(session.lock_name, flush=True)
+time.sleep(120)
+"""
+
+
+def test_prune_does_not_wait_for_a_writer_killed_on_this_machine(tmp_path: Path) -> None:
+    """A SIGKILLed writer's lock is fresh for 5 minutes; its pid, gone in this pid scope,
+    says at once that it is dead. A live writer, and one of another scope (another
+    machine or container, whose pids mean nothing here), are still waited for."""
+    backend = LocalBackend(tmp_path / "vault")
+    repo = Repository.open(backend, create=True)
+    data = os.urandom(5000)
+    with repo.session() as s:
+        old = _commit_files(s, {"x": data}, "r")
+    repo.forget([old])
+
+    def hold() -> tuple[subprocess.Popen[str], str]:
+        proc = subprocess.Popen([sys.executable, "-c", _HOLD_SESSION, str(backend.root), data.hex()], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        return proc, proc.stdout.readline().strip()
+
+    live, live_lock = hold()
+    killed, killed_lock = hold()
+    try:
+        killed.kill()
+        killed.wait()
+        report = maintenance.prune(Repository.open(backend), wait=0)
+        assert report.packs_deleted == 0, "prune deleted a pack that a live writer deduplicated against"
+        assert len(report.waiting_on) == 1 and str(live.pid) in report.waiting_on[0]
+        assert not backend.exists(killed_lock) and backend.exists(live_lock)
+
+        # The same dead pid, stamped with another pid scope: only its age can tell.
+        doc = json.loads(backend.get(live_lock))
+        doc.update(pid=killed.pid, scope="0badf00d" if doc["scope"] != "0badf00d" else "0badf00e")
+        backend.put(killed_lock, json.dumps(doc).encode(), overwrite=True)
+    finally:
+        live.kill()
+        live.wait()
+    report = maintenance.prune(Repository.open(backend), wait=0)
+    assert report.packs_deleted == 0 and len(report.waiting_on) == 1, report.to_json()
+    assert backend.exists(killed_lock) and not backend.exists(live_lock)
+    backend.delete(killed_lock)
+    report = maintenance.prune(Repository.open(backend), wait=0)
+    assert report.packs_deleted == 1 and not report.waiting_on
+
+
+def test_a_prune_killed_on_this_machine_does_not_hold_the_next_one(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path / "vault")
+    repo = Repository.open(backend, create=True)
+    with repo.session() as s:
+        old = _commit_files(s, {"x": os.urandom(5000)}, "r")
+    repo.forget([old])
+    code = (
+        "import sys, time\n"
+        "from liferaft.backends import LocalBackend\n"
+        "from liferaft.vault.repository import Repository\n"
+        "from liferaft.vault.maintenance import _PruneLock\n"
+        "_PruneLock(Repository.open(LocalBackend(sys.argv[1]))).acquire()\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(backend.root)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    with pytest.raises(LiferaftError, match="a prune is already running"):
+        maintenance.prune(Repository.open(backend), wait=0)
+    proc.kill()
+    proc.wait()
+    assert backend.exists(PRUNE_LOCK)  # fresh, and nobody removed it
+    report = maintenance.prune(Repository.open(backend), wait=0)
+    assert report.packs_deleted == 1

@@ -15,9 +15,8 @@ from typing import Any
 from ..backends import BackendError, ObjectExists, ObjectNotFound
 from ..backends.local import LocalBackend
 from ..errors import LiferaftError, LockedError, VaultCorrupt
-from ..platform import hostname
+from ..platform import hostname, pid_scope
 from . import format as fmt
-from . import repository as _repository
 from .repository import PRUNE_LOCK, SESSION_REFRESH, Repository, SnapshotInfo, pack_name
 
 # ------------------------------------------------------------------ verify
@@ -224,7 +223,7 @@ class _PruneLock:
         self._thread = threading.Thread(target=self._beat, name="liferaft-prune-lock", daemon=True)
 
     def _doc(self) -> bytes:
-        doc = {"id": self.id, "host": hostname(), "pid": os.getpid(), "refreshed": time.time(), "doomed": self.doomed}
+        doc = {"id": self.id, "host": hostname(), "pid": os.getpid(), "scope": pid_scope(), "refreshed": time.time(), "doomed": self.doomed}
         return json.dumps(doc).encode()
 
     def _ours(self) -> bool:
@@ -450,13 +449,11 @@ def _delete_temps(repo: Repository, report: PruneReport, temp_age: float) -> Non
                 except OSError:
                     pass
     for obj in repo._list("locks/"):
-        if obj.name.startswith("locks/session-") and time.time() - obj.mtime > _repository.STALE_AFTER:
-            doc = repo._read_lock(obj.name)
-            if not repo._lock_live(doc):
-                try:
-                    backend.delete(obj.name)
-                except BackendError:
-                    pass
+        if obj.name.startswith("locks/session-") and not repo._session_live(repo._read_lock(obj.name), obj.mtime):
+            try:
+                backend.delete(obj.name)
+            except BackendError:
+                pass
 
 
 class _Repacker:

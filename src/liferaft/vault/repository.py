@@ -31,7 +31,7 @@ from ..errors import (
     VaultNotFound,
     VaultUnreachable,
 )
-from ..platform import hostname
+from ..platform import hostname, pid_alive, pid_scope
 from . import format as fmt
 
 CONFIG = "config.json"
@@ -393,10 +393,18 @@ class Repository:
         return doc if isinstance(doc, dict) else None
 
     def _lock_live(self, doc: dict[str, Any] | None) -> bool:
-        if doc is None:
+        if doc is None or lock_holder_gone(doc):
             return False
         refreshed = doc.get("refreshed")
         return isinstance(refreshed, (int, float)) and time.time() - refreshed < STALE_AFTER
+
+    def _session_live(self, doc: dict[str, Any] | None, mtime: float) -> bool:
+        """Live by the writer's clock or by the store's: a writer whose clock is behind (or
+        whose lock cannot be read right now) is still a writer, unless it is known to be
+        gone (killed on this machine: see ``lock_holder_gone``)."""
+        if doc is not None and lock_holder_gone(doc):
+            return False
+        return self._lock_live(doc) or time.time() - mtime < STALE_AFTER
 
     def live_sessions(self) -> list[dict[str, Any]]:
         out = []
@@ -404,9 +412,7 @@ class Repository:
             if not obj.name.startswith("locks/session-"):
                 continue
             doc = self._read_lock(obj.name)
-            # Live by the writer's clock or by the store's: a writer whose clock is behind
-            # (or whose lock cannot be read right now) is still a writer.
-            if self._lock_live(doc) or time.time() - obj.mtime < STALE_AFTER:
+            if self._session_live(doc, obj.mtime):
                 doc = dict(doc or {})
                 doc["name"] = obj.name
                 out.append(doc)
@@ -439,6 +445,15 @@ class Repository:
         with ThreadPoolExecutor(min(workers, len(items))) as pool:
             for f in [pool.submit(fn, item) for item in items]:
                 f.result()
+
+
+def lock_holder_gone(doc: dict[str, Any]) -> bool:
+    """Whether a lock's process is known to be dead: it ran in this pid scope (this boot and
+    pid namespace, see ``platform.pid_scope``) and its pid is gone. A writer or prune that
+    was SIGKILLed here then stops holding others up at once, not after ``STALE_AFTER``;
+    a process elsewhere is judged by its lock's age only."""
+    scope, pid = doc.get("scope"), doc.get("pid")
+    return bool(scope) and scope == pid_scope() and type(pid) is int and not pid_alive(pid)
 
 
 def info_from_manifest(sid: str, doc: dict[str, Any]) -> SnapshotInfo:
@@ -663,6 +678,7 @@ class WriteSession:
         doc = {
             "host": hostname(),
             "pid": os.getpid(),
+            "scope": pid_scope(),
             "started": self.started,
             "refreshed": time.time(),
         }
