@@ -105,6 +105,30 @@ def test_forget_keeps_last_and_prune_frees_space(tmp_path: Path) -> None:
     assert r.returncode == 0 and (tmp_path / "back" / "w" / "ckpt.bin").read_bytes() == (work / "ckpt.bin").read_bytes()
 
 
+def test_restore_in_place_keeps_work_newer_than_the_snapshot_unless_forced(tmp_path: Path) -> None:
+    work = make_tree(tmp_path / "w", {"ckpt.bin": os.urandom(300_000), "notes.txt": "v1", "old.txt": "v1"})
+    vault = str(tmp_path / "v")
+    assert cli("--vault", vault, "snapshot", str(work), "--run", "r").returncode == 0
+    snap_time = json.loads(cli("--vault", vault, "snapshots", "--json").stdout)[-1]["time_ns"] / 1e9
+    (work / "notes.txt").write_text("v2: written after the snapshot")  # new work
+    (work / "old.txt").write_text("older than the snapshot, and different")
+    os.utime(work / "old.txt", (snap_time - 3600, snap_time - 3600))
+    (work / "ckpt.bin").unlink()  # lost: restore brings it back
+    before = tree_state(work)
+
+    r = cli("--vault", vault, "restore", "--run", "r")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "1 file(s) in the way changed after snapshot" in lines[0] and "notes.txt" in lines[0], r.stderr
+    assert "--force" in lines[0] and "--to DIR" in lines[0]
+    assert tree_state(work) == before and not list(work.glob(".liferaft-*"))  # nothing written
+
+    r = cli("--vault", vault, "restore", "--run", "r", "--force")
+    assert r.returncode == 0, r.stderr
+    assert (work / "notes.txt").read_text() == "v1" and (work / "old.txt").read_text() == "v1"
+    assert (work / "ckpt.bin").stat().st_size == 300_000
+
+
 def test_restore_with_nothing_to_restore_is_not_an_error(tmp_path: Path) -> None:
     r = cli("--vault", str(tmp_path / "v"), "restore", "--run", "fresh")
     assert r.returncode == 0

@@ -150,6 +150,7 @@ class Vault:
         only: Collection[str] | None = None,
         progress: Progress | None = None,
         use_cache: bool = True,
+        replace_newer: bool = True,
     ) -> RestoreResult | None:
         """Restore a snapshot (by id) or the newest one of ``run`` that verifies.
 
@@ -159,7 +160,9 @@ class Vault:
         run). A snapshot that fails verification is reported and the one before it is used.
         Checkpoints committed by a ``Checkpointer`` (tag ``liferaft.kind=checkpoint``) are
         its own business: restore and forget by run skip them (restore one by id, or
-        through the Checkpointer).
+        through the Checkpointer). ``replace_newer=False`` refuses (``RestoreRefused``,
+        nothing written) when a file in the way differs from the snapshot's and was
+        changed after the snapshot was taken, as ``liferaft restore`` does without ``--force``.
 
         >>> vault.restore(run="mnist", to="/content/work")    # doctest: +SKIP
         """
@@ -172,13 +175,24 @@ class Vault:
                 raise SnapshotNotFound(f"no snapshot {snapshot!r}: the vault at {self.url} is empty")
             return None
         if snapshot is not None:
-            return restore_snapshot(repo, repo.find(snapshot), to=to, targets=targets, only=only, progress=progress, update_cache=use_cache)
+            return restore_snapshot(
+                repo,
+                repo.find(snapshot),
+                to=to,
+                targets=targets,
+                only=only,
+                progress=progress,
+                update_cache=use_cache,
+                replace_newer=replace_newer,
+            )
         run = run or default_run_name()
         candidates = [s for s in repo.snapshots() if s.run == run and not is_checkpoint(s)]
         fallbacks: list[str] = []
         for snap in reversed(candidates):
             try:
-                result = restore_snapshot(repo, snap, to=to, targets=targets, only=only, progress=progress, update_cache=use_cache)
+                result = restore_snapshot(
+                    repo, snap, to=to, targets=targets, only=only, progress=progress, update_cache=use_cache, replace_newer=replace_newer
+                )
             except VaultCorrupt as err:
                 msg = f"snapshot {snap.short_id} (run {snap.run}, step {snap.step}) failed verification: {err}"
                 warnings.warn(msg + "; using the one before", stacklevel=2)

@@ -197,15 +197,16 @@ def snapshots(ctx: Ctx, run: str | None) -> None:
 @click.argument("snapshot_id", required=False, metavar="[ID]")
 @click.option("--run", help="Newest valid snapshot of this run (default: the working folder's name).")
 @click.option("--to", "to", type=click.Path(), help="Restore into this folder (each saved path as DIR/NAME) instead of in place.")
+@click.option("--force", is_flag=True, help="Replace files changed after the snapshot was taken (refused without it).")
 @common(data=True)
-def restore(ctx: Ctx, snapshot_id: str | None, run: str | None, to: str | None) -> None:
+def restore(ctx: Ctx, snapshot_id: str | None, run: str | None, to: str | None, force: bool) -> None:
     """Restore a snapshot (newest valid one of the run by default)."""
     import warnings
 
     vault = ctx.vault()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = vault.restore(snapshot_id, run=run, to=to, progress=ctx.progress())
+        result = vault.restore(snapshot_id, run=run, to=to, progress=ctx.progress(), replace_newer=force)
     if result is None:
         from .config import default_run_name
 

@@ -204,6 +204,12 @@ class _Tree:
         return path
 
 
+def _newer_work(st: os.stat_result, f: fmt.Entry, snap: SnapshotInfo) -> bool:
+    """A regular file that is not the snapshot's version and was written after it."""
+    same = st.st_size == f.size and st.st_mtime_ns == f.mtime_ns
+    return stat.S_ISREG(st.st_mode) and not same and st.st_mtime_ns > snap.time_ns
+
+
 def _split(entry_path: str) -> tuple[str, list[str]]:
     parts = entry_path.split("/")
     return parts[0], parts[1:]
@@ -219,10 +225,14 @@ def restore_snapshot(
     progress: Progress | None = None,
     workers: int = min(4, os.cpu_count() or 2),
     update_cache: bool = True,
+    replace_newer: bool = True,
 ) -> RestoreResult:
     """Restore ``snap`` into ``to`` (each saved path as ``to/NAME``) or back where it was.
 
-    ``targets`` maps a saved path's name to its own destination, overriding both.
+    ``targets`` maps a saved path's name to its own destination, overriding both. With
+    ``replace_newer=False``, a file in the way that differs from the snapshot's and was
+    changed after the snapshot was taken (work the snapshot does not have) makes the
+    restore refuse before anything is written.
     """
     progress = progress or Progress()
     dests = destinations(snap, to, targets, only)
@@ -250,6 +260,7 @@ def restore_snapshot(
             raise VaultCorrupt(f"snapshot {snap.short_id}: {f.path!r:.80} is {f.size} bytes but its blobs add up to {offset}")
 
     tree = _Tree()
+    newer: list[str] = []  # files in the way holding work the snapshot does not have
     temps: dict[int, str] = {}
     finals: dict[int, str] = {}
     shown = False
@@ -272,15 +283,25 @@ def restore_snapshot(
                 parent = tree.ensure(dests[root], rel[:-1])
                 final = os.path.join(parent, rel[-1])
             try:
-                if stat.S_ISDIR(os.lstat(final).st_mode):
-                    raise RestoreRefused(f"{final} is a folder where the snapshot has a file", "move it away or restore with --to DIR")
+                st = os.lstat(final)
             except FileNotFoundError:
                 pass
+            else:
+                if stat.S_ISDIR(st.st_mode):
+                    raise RestoreRefused(f"{final} is a folder where the snapshot has a file", "move it away or restore with --to DIR")
+                if not replace_newer and _newer_work(st, f, snap):
+                    newer.append(final)
+                    continue
             tree.sweep(parent)
             temps[i] = os.path.join(parent, _temp_name())
             finals[i] = final
             if not f.blobs:
                 _finish_file(os.open(temps[i], _CREATE, 0o600), f)
+        if newer:
+            raise RestoreRefused(
+                f"{len(newer)} file(s) in the way changed after snapshot {snap.short_id} was taken, e.g. {newer[0]}",
+                "restore elsewhere with --to DIR, or replace them with --force",
+            )
         _fill(repo, files, temps, index, progress, workers)
         # Everything verified: now make it visible.
         shown = True
