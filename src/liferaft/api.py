@@ -174,25 +174,20 @@ class Vault:
             if snapshot is not None:
                 raise SnapshotNotFound(f"no snapshot {snapshot!r}: the vault at {self.url} is empty")
             return None
-        if snapshot is not None:
+
+        def restore(snap: SnapshotInfo) -> RestoreResult:
             return restore_snapshot(
-                repo,
-                repo.find(snapshot),
-                to=to,
-                targets=targets,
-                only=only,
-                progress=progress,
-                update_cache=use_cache,
-                replace_newer=replace_newer,
+                repo, snap, to=to, targets=targets, only=only, progress=progress, update_cache=use_cache, replace_newer=replace_newer
             )
+
+        if snapshot is not None:
+            return restore(repo.find(snapshot))
         run = run or default_run_name()
         candidates = [s for s in repo.snapshots() if s.run == run and not is_checkpoint(s)]
         fallbacks: list[str] = []
         for snap in reversed(candidates):
             try:
-                result = restore_snapshot(
-                    repo, snap, to=to, targets=targets, only=only, progress=progress, update_cache=use_cache, replace_newer=replace_newer
-                )
+                result = restore(snap)
             except VaultCorrupt as err:
                 msg = f"snapshot {snap.short_id} (run {snap.run}, step {snap.step}) failed verification: {err}"
                 warnings.warn(msg + "; using the one before", stacklevel=2)
