@@ -119,7 +119,7 @@ def test_restore_in_place_keeps_work_newer_than_the_snapshot_unless_forced(tmp_p
     r = cli("--vault", vault, "restore", "--run", "r")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "1 file(s) in the way changed after snapshot" in lines[0] and "notes.txt" in lines[0], r.stderr
+    assert len(lines) == 1 and "1 file(s) in the way are newer than snapshot" in lines[0] and "notes.txt" in lines[0], r.stderr
     assert "--force" in lines[0] and "--to DIR" in lines[0]
     assert tree_state(work) == before and not list(work.glob(".liferaft-*"))  # nothing written
 

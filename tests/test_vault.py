@@ -494,3 +494,46 @@ def test_rerun_after_a_killed_restore_leaves_no_temp_files(tmp_path: Path) -> No
     assert f"removed {len(left)} temp file(s) an interrupted restore had left" in out.stdout
     assert not list(target.rglob(".liferaft-*"))
     assert tree_state(target / "src") == tree_state(src)
+
+
+def test_refusing_to_replace_newer_work_judges_each_file_by_its_own_version(tmp_path: Path) -> None:
+    """A checkpoint rewritten while a snapshot ran is older than the snapshot's commit, yet
+    newer than the version the snapshot holds: it is work the snapshot does not have."""
+    from liferaft.errors import RestoreRefused
+    from liferaft.platform import pid_scope
+
+    t0 = 1_600_000_000 * 10**9
+    work = make_tree(tmp_path / "w", {"ckpt.pt": "step 100", "old.txt": "v1", "sub/a": "a"})
+    for name in ("ckpt.pt", "old.txt"):
+        os.utime(work / name, ns=(t0, t0))
+    vault = liferaft.Vault(tmp_path / "vault")
+    snap = vault.snapshot([work], run="r")
+    (work / "ckpt.pt").write_text("step 200")  # rewritten during the snapshot, so to speak:
+    os.utime(work / "ckpt.pt", ns=(t0 + 10**9, t0 + 10**9))  # long before the commit time
+    (work / "old.txt").write_text("v0")
+    os.utime(work / "old.txt", ns=(t0 - 10**9, t0 - 10**9))  # older than the snapshot's version
+    stale = work / "sub" / f".liferaft-{pid_scope()}-{_dead_pid()}-{'a' * 12}.tmp"
+    stale.write_bytes(b"left by a killed restore")
+    before = tree_state(work)
+
+    with pytest.raises(RestoreRefused, match=r"1 file\(s\) in the way are newer .*ckpt\.pt"):
+        vault.restore(snap.id, replace_newer=False)
+    assert tree_state(work) == before  # refused: nothing written, nothing removed
+    result = vault.restore(snap.id, replace_newer=True)
+    assert result is not None and result.stale_temps_removed == 1
+    assert (work / "ckpt.pt").read_text() == "step 100" and (work / "old.txt").read_text() == "v1"
+
+
+def test_a_crafted_temp_name_or_lock_pid_is_no_traceback(tmp_path: Path) -> None:
+    from liferaft.platform import pid_alive, pid_scope
+    from liferaft.vault.repository import lock_holder_gone
+
+    assert pid_alive(9_999_999_999) and pid_alive(2**70)  # cannot be told: alive
+    assert not lock_holder_gone({"scope": pid_scope(), "pid": 2**70})
+    work = make_tree(tmp_path / "w", {"f": "1"})
+    vault = liferaft.Vault(tmp_path / "vault")
+    vault.snapshot([work], run="r")
+    odd = work / f".liferaft-{pid_scope()}-9999999999-{'a' * 12}.tmp"
+    odd.write_bytes(b"?")
+    result = vault.restore(run="r")
+    assert result is not None and result.stale_temps_removed == 0 and odd.exists()

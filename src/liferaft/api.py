@@ -161,8 +161,8 @@ class Vault:
         Checkpoints committed by a ``Checkpointer`` (tag ``liferaft.kind=checkpoint``) are
         its own business: restore and forget by run skip them (restore one by id, or
         through the Checkpointer). ``replace_newer=False`` refuses (``RestoreRefused``,
-        nothing written) when a file in the way differs from the snapshot's and was
-        changed after the snapshot was taken, as ``liferaft restore`` does without ``--force``.
+        nothing written) when a file in the way differs from the snapshot's version and
+        was modified after it, as ``liferaft restore`` does without ``--force``.
 
         >>> vault.restore(run="mnist", to="/content/work")    # doctest: +SKIP
         """

@@ -197,7 +197,7 @@ def snapshots(ctx: Ctx, run: str | None) -> None:
 @click.argument("snapshot_id", required=False, metavar="[ID]")
 @click.option("--run", help="Newest valid snapshot of this run (default: the working folder's name).")
 @click.option("--to", "to", type=click.Path(), help="Restore into this folder (each saved path as DIR/NAME) instead of in place.")
-@click.option("--force", is_flag=True, help="Replace files changed after the snapshot was taken (refused without it).")
+@click.option("--force", is_flag=True, help="Replace files newer than the snapshot's version of them (refused without it).")
 @common(data=True)
 def restore(ctx: Ctx, snapshot_id: str | None, run: str | None, to: str | None, force: bool) -> None:
     """Restore a snapshot (newest valid one of the run by default)."""

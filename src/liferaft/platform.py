@@ -37,7 +37,7 @@ def pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:  # PermissionError: alive, another user's
+    except (OSError, OverflowError, ValueError):  # PermissionError: alive, another user's
         return True
     return True
 
@@ -47,18 +47,18 @@ def pid_scope() -> str:
     """A tag two processes share only when their pids name the same processes, or "".
 
     On Linux: the kernel's boot id and the pid namespace, so a container sharing a
-    folder (or a vault) with its host, or another machine of the same name, never
-    passes for this one. Elsewhere: the host name on POSIX, "" (never comparable) on
-    Windows. A file or lock stamped with this tag and a pid that is not alive here
-    belongs to a process that is gone.
+    folder (or a vault) with its host, or another machine, never passes for this one.
+    Elsewhere "": a host name is no proof (two laptops may share one), so nothing is
+    ever judged by pid there. A file or lock stamped with this tag and a pid that is
+    not alive here belongs to a process that is gone.
     """
     import hashlib
 
     try:
         parts = [Path("/proc/sys/kernel/random/boot_id").read_text().strip(), str(os.stat("/proc/self/ns/pid").st_ino)]
     except OSError:
-        parts = [] if os.name == "nt" or sys.platform.startswith("linux") else [hostname()]
-    if not parts or not all(parts):
+        return ""
+    if not all(parts):
         return ""
     return hashlib.blake2s("\0".join(parts).encode(), digest_size=4).hexdigest()
 

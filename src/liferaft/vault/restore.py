@@ -204,10 +204,12 @@ class _Tree:
         return path
 
 
-def _newer_work(st: os.stat_result, f: fmt.Entry, snap: SnapshotInfo) -> bool:
-    """A regular file that is not the snapshot's version and was written after it."""
+def _newer_work(st: os.stat_result, f: fmt.Entry) -> bool:
+    """A regular file that is not the snapshot's version of it and was modified after that
+    version was (a file rewritten while the snapshot ran counts: the snapshot kept the
+    version before)."""
     same = st.st_size == f.size and st.st_mtime_ns == f.mtime_ns
-    return stat.S_ISREG(st.st_mode) and not same and st.st_mtime_ns > snap.time_ns
+    return stat.S_ISREG(st.st_mode) and not same and st.st_mtime_ns > f.mtime_ns
 
 
 def _split(entry_path: str) -> tuple[str, list[str]]:
@@ -230,9 +232,9 @@ def restore_snapshot(
     """Restore ``snap`` into ``to`` (each saved path as ``to/NAME``) or back where it was.
 
     ``targets`` maps a saved path's name to its own destination, overriding both. With
-    ``replace_newer=False``, a file in the way that differs from the snapshot's and was
-    changed after the snapshot was taken (work the snapshot does not have) makes the
-    restore refuse before anything is written.
+    ``replace_newer=False``, a file in the way that differs from the snapshot's version
+    and was modified after it (work the snapshot does not have) makes the restore refuse
+    before any file is written or removed.
     """
     progress = progress or Progress()
     dests = destinations(snap, to, targets, only)
@@ -261,6 +263,7 @@ def restore_snapshot(
 
     tree = _Tree()
     newer: list[str] = []  # files in the way holding work the snapshot does not have
+    folders: list[str | Path] = []  # where temps go: swept of killed restores' temps
     temps: dict[int, str] = {}
     finals: dict[int, str] = {}
     shown = False
@@ -277,7 +280,7 @@ def restore_snapshot(
             root, rel = _split(f.path)
             if not rel:  # the root itself is a file
                 parent = dests[root].parent
-                os.makedirs(parent, exist_ok=True)
+                tree.ensure_root(parent)  # made folders are taken back if this restore fails
                 final = str(dests[root])
             else:
                 parent = tree.ensure(dests[root], rel[:-1])
@@ -289,19 +292,21 @@ def restore_snapshot(
             else:
                 if stat.S_ISDIR(st.st_mode):
                     raise RestoreRefused(f"{final} is a folder where the snapshot has a file", "move it away or restore with --to DIR")
-                if not replace_newer and _newer_work(st, f, snap):
+                if not replace_newer and _newer_work(st, f):
                     newer.append(final)
                     continue
-            tree.sweep(parent)
+            folders.append(parent)
             temps[i] = os.path.join(parent, _temp_name())
             finals[i] = final
             if not f.blobs:
                 _finish_file(os.open(temps[i], _CREATE, 0o600), f)
         if newer:
             raise RestoreRefused(
-                f"{len(newer)} file(s) in the way changed after snapshot {snap.short_id} was taken, e.g. {newer[0]}",
+                f"{len(newer)} file(s) in the way are newer than snapshot {snap.short_id}'s version, e.g. {newer[0]}",
                 "restore elsewhere with --to DIR, or replace them with --force",
             )
+        for folder in folders:
+            tree.sweep(folder)
         _fill(repo, files, temps, index, progress, workers)
         # Everything verified: now make it visible.
         shown = True
