@@ -844,7 +844,9 @@ class RestoreCampaign:
         id_b, state_b = self._snapshot(2)
 
         def restore_cmd(sid: str, target: Path) -> list[str]:
-            return liferaft("--vault", str(self.vault), "-q", "restore", sid, "--to", str(target))
+            # --force: the older version's random mtimes may be newer than these, and
+            # replacing it is the point (the refusal itself is tested in test_cli.py).
+            return liferaft("--vault", str(self.vault), "-q", "restore", sid, "--to", str(target), "--force")
 
         # Calibrate: an uncut restore, timed from its first temp file to its exit.
         target = self._target()
