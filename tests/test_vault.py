@@ -480,7 +480,7 @@ def test_rerun_after_a_killed_restore_leaves_no_temp_files(tmp_path: Path) -> No
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while proc.poll() is None and time.monotonic() < deadline:
-            if target.exists() and any(p.name.startswith(".liferaft-") for p in target.rglob(".liferaft-*")):
+            if any(target.rglob(".liferaft-*.tmp")):
                 proc.kill()
                 break
             time.sleep(0.001)

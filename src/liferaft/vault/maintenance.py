@@ -448,12 +448,7 @@ def _delete_temps(repo: Repository, report: PruneReport, temp_age: float) -> Non
                     report.temp_deleted += 1
                 except OSError:
                     pass
-    for obj in repo._list("locks/"):
-        if obj.name.startswith("locks/session-") and not repo._session_live(repo._read_lock(obj.name), obj.mtime):
-            try:
-                backend.delete(obj.name)
-            except BackendError:
-                pass
+    repo.live_sessions()  # removes the dead writers' sessions
 
 
 class _Repacker:

@@ -142,8 +142,7 @@ class _Tree:
 
     def __init__(self) -> None:
         self.made: set[Path] = set()
-        self.created: list[Path] = []  # folders this restore made, parents first
-        self.new: set[Path] = set()  # the same, for lookups
+        self.created: dict[Path, None] = {}  # folders this restore made, parents first
         self.swept: set[str] = set()
         self.stale_removed = 0
 
@@ -153,7 +152,7 @@ class _Tree:
         if key in self.swept:
             return
         self.swept.add(key)
-        if Path(key) not in self.new:
+        if Path(key) not in self.created:
             self.stale_removed += sweep_temps(key)
 
     def remove_created(self) -> None:
@@ -177,8 +176,7 @@ class _Tree:
                 missing.append(p)
                 p = p.parent
             os.makedirs(root, exist_ok=True)
-            self.created += reversed(missing)
-            self.new.update(missing)
+            self.created.update(dict.fromkeys(reversed(missing)))
         self.made.add(root)
 
     def ensure(self, root: Path, rel_parts: list[str]) -> Path:
@@ -192,8 +190,7 @@ class _Tree:
                 st = os.lstat(path)
             except FileNotFoundError:
                 os.mkdir(path, 0o755)
-                self.created.append(path)
-                self.new.add(path)
+                self.created[path] = None
             else:
                 if not stat.S_ISDIR(st.st_mode):
                     raise RestoreRefused(
