@@ -14,6 +14,11 @@ Servers (tests/servers.py): moto server (S3), ``rclone serve s3`` (S3), fake-gcs
   raw client (``fs.put_file`` per file: what syncing a folder to a bucket does). Goal:
   liferaft >= 20x faster. One-by-one is slow (tens of ms a file), so by default it runs on
   a sample of ``--sample`` files and the time is scaled to all of them (said in the output).
+- history: a vault with ``--history`` snapshots, each adding a file (one manifest and one
+  index fragment each). What every command pays before its work: opening the vault and
+  reading all manifests and the index, on a fresh machine (empty cache folder), on the
+  same machine again (its local copies), and on a fresh machine after ``prune`` merged
+  the fragments; the raw client listing both folders is the floor.
 
 Both sides run in this process with the same client settings, after a warm-up of each
 (this VM pays dearly for the first touch of fresh memory); best of ``--runs``. Each run
@@ -113,6 +118,55 @@ def raw_put_one_by_one(server: StoreServer, files: list[Path], base: Path, raw: 
     return seconds
 
 
+def bench_history(server: StoreServer, raw: Any, count: int, runs: int, scratch: Path) -> dict[str, Any]:
+    url = server.vault_url()
+    prefix = url.split("://", 1)[1]
+    saved = os.environ["LIFERAFT_CACHE_DIR"]
+    work = scratch / f"history-{server.kind}"
+    work.mkdir()
+    vault = liferaft.Vault(url)
+    for i in range(count):
+        (work / f"metrics-{i}.txt").write_text(f"step {i}\n" * 100)
+        vault.snapshot([work], run="history", step=i)
+    fresh_dirs = iter(range(10**6))
+
+    def start(cache: Path) -> float:
+        os.environ["LIFERAFT_CACHE_DIR"] = str(cache)
+
+        def go() -> None:
+            v = liferaft.Vault(url)
+            assert len(v.snapshots()) == count
+            v.repository().index()
+
+        return timed(go)
+
+    def fresh() -> float:
+        return start(scratch / f"fresh-machine-{next(fresh_dirs)}")
+
+    try:
+        cold = min(fresh() for _ in range(runs))
+        start(scratch / "same-machine")
+        warm = min(start(scratch / "same-machine") for _ in range(runs))
+        listing = min(
+            timed(lambda: (raw.ls(f"{prefix}/snapshots", refresh=True), raw.ls(f"{prefix}/index", refresh=True))) for _ in range(runs)
+        )
+        os.environ["LIFERAFT_CACHE_DIR"] = str(scratch / "pruner")
+        liferaft.Vault(url).prune(wait=0)
+        fragments = len(raw.ls(f"{prefix}/index", refresh=True))
+        merged = min(fresh() for _ in range(runs))
+    finally:
+        os.environ["LIFERAFT_CACHE_DIR"] = saved
+        cleanup(raw, prefix)
+    return {
+        "snapshots": count,
+        "cold_s": cold,
+        "warm_s": warm,
+        "merged_cold_s": merged,
+        "fragments_after_prune": fragments,
+        "raw_list_s": listing,
+    }
+
+
 def bench_one(server: StoreServer, big: Path, small: Path, small_files: list[Path], args: argparse.Namespace) -> dict[str, Any]:
     point_at(server)
     server.make_bucket(server.bucket)
@@ -147,6 +201,8 @@ def bench_one(server: StoreServer, big: Path, small: Path, small_files: list[Pat
             "raw_files_s": len(sample) / rw_sample,
             "speedup": rw / lf,
         }
+    if args.history:
+        out["history"] = bench_history(server, raw, args.history, args.runs, args.scratch)
     return out
 
 
@@ -157,12 +213,14 @@ def main() -> int:
     ap.add_argument("--sample", type=int, default=1000, help="files put one by one for the baseline, scaled up (0: all)")
     ap.add_argument("--runs", type=int, default=3, help="best of this many runs (big workload)")
     ap.add_argument("--small-runs", type=int, default=2, help="best of this many liferaft runs (small workload)")
+    ap.add_argument("--history", type=int, default=200, help="snapshots in the start-up workload; 0 skips it")
     ap.add_argument("--servers", nargs="+", choices=KINDS, default=list(KINDS))
     ap.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temp dir)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="liferaft-bench-cloud-", dir=args.dir))
+    args.scratch = scratch
     os.environ["LIFERAFT_CACHE_DIR"] = str(scratch / "cache")
     servers: list[StoreServer] = []
     results = []
@@ -203,6 +261,14 @@ def main() -> int:
             print(
                 f"{r['server']:>6}  small {s['files']} x 4 KiB: liferaft {s['liferaft_s']:.2f}s ({s['liferaft_files_s']:.0f} files/s)"
                 f"  raw one by one {s['raw_s']:.1f}s ({s['raw_files_s']:.0f} files/s{scaled})  {s['speedup']:.0f}x faster (goal >= 20: {verdict})"
+            )
+        if "history" in r:
+            h = r["history"]
+            print(
+                f"{r['server']:>6}  start with {h['snapshots']} snapshots (open, all manifests, index): fresh machine {h['cold_s']:.2f}s"
+                f"  same machine again {h['warm_s']:.2f}s ({h['cold_s'] / h['warm_s']:.1f}x)"
+                f"  fresh machine after prune ({h['fragments_after_prune']} fragment(s)) {h['merged_cold_s']:.2f}s"
+                f"  raw listing of both folders {h['raw_list_s']:.2f}s"
             )
     return 0
 

@@ -68,12 +68,14 @@ def test_snapshot_and_restore_through_a_faulty_network(server: StoreServer, monk
     assert struck_writing >= 3, f"the proxy broke too little to prove anything: {proxy.struck}"
     assert committed, f"no snapshot got through: {failures}"
 
-    # Restores through a network that drops and truncates downloads.
+    # Restores through a network that drops and truncates downloads, each as on a fresh
+    # machine (an empty cache folder: manifests and index fragments come through it too).
     plan = FaultPlan(SEED + 1, p=0.7, max_faults=10, kinds=("truncate", "drop", "stall_down", "refuse"), max_after=2 << 20, stall=1.0)
     with FaultProxy(server.port, plan, lifetime=240) as proxy:
         server.apply(monkeypatch, proxy.endpoint)
         for i, (sid, state) in enumerate(committed.items()):
             target = tmp_path / f"via-proxy-{i}"
+            monkeypatch.setenv("LIFERAFT_CACHE_DIR", str(tmp_path / f"fresh-machine-{i}"))
             try:
                 result = liferaft.Vault(url).restore(sid, to=target)
             except LiferaftError as err:
@@ -83,6 +85,7 @@ def test_snapshot_and_restore_through_a_faulty_network(server: StoreServer, monk
             assert result is not None and not result.fallbacks
             assert tree_state(target / "work") == state, "restore through faults returned wrong bytes"
         newest = list(committed)[-1]
+        monkeypatch.setenv("LIFERAFT_CACHE_DIR", str(tmp_path / "fresh-machine-newest"))
         result = liferaft.Vault(url).restore(run="r", to=tmp_path / "newest")
         assert result is not None and result.snapshot.id == newest and not result.fallbacks
         assert tree_state(tmp_path / "newest" / "work") == committed[newest]

@@ -75,6 +75,9 @@ class Backend(abc.ABC):
     #: Small reads worth doing at once (manifests, index fragments): many for a store
     #: with round trips, one where a read costs microseconds and threads cost more.
     read_concurrency: int = 8
+    #: Reads cost a round trip (an object store, a network mount): the vault keeps local
+    #: copies of its immutable metadata (manifests, index fragments) in the cache folder.
+    remote: bool = False
 
     @abc.abstractmethod
     def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:

@@ -123,6 +123,7 @@ class DriveMountBackend(LocalBackend):
     # so the vault relies on unique names; overwrites are generations, seen whole.
     capabilities = Capabilities(create_only=False, atomic_overwrite=True, range_reads=True)
     read_concurrency = 8  # a FUSE mount: every open is a round trip
+    remote = True
 
     def __init__(self, root: str | os.PathLike[str], *, mount: str | os.PathLike[str] | None = None, fsync: bool = True) -> None:
         super().__init__(root, fsync=fsync)

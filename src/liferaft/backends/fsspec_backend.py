@@ -30,6 +30,7 @@ class FsspecBackend(Backend):
         # Only the in-process memory store can promise exclusive create through fsspec.
         self.capabilities = Capabilities(create_only=self._memory, atomic_overwrite=True, range_reads=True)
         self.read_concurrency = 1 if self._memory else 8
+        self.remote = not self._memory
 
     def _path(self, name: str) -> str:
         if name.startswith("/") or ".." in name.split("/"):

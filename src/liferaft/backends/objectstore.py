@@ -136,6 +136,8 @@ def _is_range_past_end(err: BaseException) -> bool:
 class ObjectStoreBackend(Backend):
     """Objects under ``bucket/prefix`` of a GCS or S3(-compatible) store."""
 
+    remote = True
+
     def __init__(self, url: str, *, deadline: float | None = None, **options: Any) -> None:
         parsed = urlparse(url)
         self.scheme = "gcs" if parsed.scheme in ("gs", "gcs") else "s3"

@@ -12,12 +12,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..backends import BackendError, ObjectExists, ObjectNotFound
+from ..backends import BackendError, ObjectExists, ObjectInfo, ObjectNotFound
 from ..backends.local import LocalBackend
 from ..errors import LiferaftError, LockedError, VaultCorrupt
 from ..platform import hostname, pid_scope
 from . import format as fmt
 from .repository import PRUNE_LOCK, SESSION_REFRESH, Repository, SnapshotInfo, pack_name
+
+# Index fragments: every writer adds one, and a fresh machine reads them all. Prune
+# merges the small ones (fewer than COMPACT_ENTRIES blobs) once there are more than
+# COMPACT_COUNT, into fragments of at most about FRAGMENT_ENTRIES blobs (~100 bytes each).
+COMPACT_COUNT = 16
+COMPACT_ENTRIES = 50_000
+FRAGMENT_ENTRIES = 200_000
 
 # ------------------------------------------------------------------ verify
 
@@ -53,14 +60,14 @@ def verify(repo: Repository, *, read_data: bool = False, on_progress: Callable[[
     """Check every snapshot's structure; with ``read_data`` also every byte of every pack."""
     report = VerifyReport()
     damaged_manifests: list[str] = []
-    snaps = repo.snapshots(damaged=damaged_manifests)
+    snaps = repo.snapshots(damaged=damaged_manifests, fresh=True)  # the vault's bytes, not a local copy
     report.damage += damaged_manifests
     report.snapshots = len(snaps)
     fragments: dict[str, dict[bytes, fmt.IndexEntry]] = {}
     for obj in repo._list("index/"):
         fid = obj.name.rsplit("/", 1)[-1]
         try:
-            fragments[fid] = repo._load_fragment(obj.name)
+            fragments[fid] = repo._load_fragment(obj, fresh=True)
         except ObjectNotFound:
             continue
         except LiferaftError as err:
@@ -368,6 +375,11 @@ def _prune_locked(
 
     doomed, repack = plan(live)
     if not doomed and not repack:
+        merge = _small_fragments(fragments)
+        if merge:  # deletes no data, so no writer needs waiting for
+            lock.check()
+            _rewrite_index(repo, fragments, merge, set(), packs, {}, report)
+            repo.index(reload=True)
         _delete_temps(repo, report, temp_age)
         return report
     lock.publish(sorted(doomed | repack))
@@ -404,8 +416,40 @@ def _prune_locked(
         report.packs_repacked = len(repack)
         doomed |= repack
     lock.check()  # nothing is deleted by a prune that lost its lock
-    # One replacement fragment: the surviving entries of every fragment we touch.
+    # Touched fragments are replaced by their surviving entries; many small ones are
+    # merged while at it, so that opening the vault on a fresh machine stays a few reads.
     touched = {fid for fid, frag in fragments.items() if any(e[0] in doomed for e in frag.values())}
+    _rewrite_index(repo, fragments, touched | _small_fragments(fragments), doomed, packs, new_entries, report)
+    for pid in sorted(doomed):
+        try:
+            backend.delete(pack_name(pid))
+            report.packs_deleted += 1
+            report.bytes_deleted += packs[pid].size
+        except ObjectNotFound:
+            pass
+    repo.index(reload=True)
+    _delete_temps(repo, report, temp_age)
+    return report
+
+
+def _small_fragments(fragments: dict[str, dict[bytes, fmt.IndexEntry]]) -> set[str]:
+    """The small fragments, when there are enough of them to be worth merging."""
+    small = {fid for fid, frag in fragments.items() if len(frag) < COMPACT_ENTRIES}
+    return small if len(small) > COMPACT_COUNT else set()
+
+
+def _rewrite_index(
+    repo: Repository,
+    fragments: dict[str, dict[bytes, fmt.IndexEntry]],
+    touched: set[str],
+    doomed: set[str],
+    packs: dict[str, ObjectInfo],
+    new_entries: dict[str, tuple[int, list[fmt.PackEntry]]],
+    report: PruneReport,
+) -> None:
+    """Replace the ``touched`` fragments by new ones holding their entries outside the
+    ``doomed`` packs, plus ``new_entries``; written before the old ones are deleted, so a
+    reader always finds every live blob (it lists again when a listed fragment is gone)."""
     kept: dict[str, list[fmt.PackEntry]] = defaultdict(list)
     for fid in touched:
         for bid, (pid, codec, off, length, raw) in fragments[fid].items():
@@ -417,25 +461,28 @@ def _prune_locked(
         # size: its entries' extent is a size the fragment parser accepts.
         size = packs[pid].size if pid in packs else max(e.offset + e.length for e in entries)
         survivors[pid] = (size, entries)
-    if survivors:
-        data = fmt.build_index(survivors, os.urandom(8).hex())
-        backend.put(f"index/{fmt.hexdigest(data)}", data, overwrite=False)
+    group: dict[str, tuple[int, list[fmt.PackEntry]]] = {}
+    count = 0
+    for pid, value in survivors.items():
+        group[pid] = value
+        count += len(value[1])
+        if count >= FRAGMENT_ENTRIES:
+            _put_fragment(repo, group)
+            group, count = {}, 0
+    if group:
+        _put_fragment(repo, group)
     for fid in touched:
         try:
-            backend.delete(f"index/{fid}")
+            repo.backend.delete(f"index/{fid}")
         except ObjectNotFound:
             pass
         report.index_rewritten += 1
-    for pid in sorted(doomed):
-        try:
-            backend.delete(pack_name(pid))
-            report.packs_deleted += 1
-            report.bytes_deleted += packs[pid].size
-        except ObjectNotFound:
-            pass
-    repo.index(reload=True)
-    _delete_temps(repo, report, temp_age)
-    return report
+
+
+def _put_fragment(repo: Repository, packs: dict[str, tuple[int, list[fmt.PackEntry]]]) -> None:
+    data = fmt.build_index(packs, os.urandom(8).hex())
+    frag_id = fmt.hexdigest(data)
+    repo.backend.put(f"index/{frag_id}", data, overwrite=False)
 
 
 def _delete_temps(repo: Repository, report: PruneReport, temp_age: float) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import __version__
-from ..backends import Backend, BackendError, NoSpace, ObjectExists, ObjectNotFound
+from ..backends import Backend, BackendError, NoSpace, ObjectExists, ObjectInfo, ObjectNotFound
 from ..errors import (
     LiferaftError,
     LockedError,
@@ -33,6 +33,7 @@ from ..errors import (
 )
 from ..platform import hostname, pid_alive, pid_scope
 from . import format as fmt
+from .metacache import MetaCache
 
 CONFIG = "config.json"
 PACK_TARGET = 16 << 20  # restic's default too: few objects, small buffers, cheap retries
@@ -123,6 +124,8 @@ class Repository:
         self._fragments: dict[str, dict[bytes, fmt.IndexEntry]] = {}
         self._manifests: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
+        # Where a read is a round trip, manifests and fragments are kept locally too.
+        self.meta: MetaCache | None = MetaCache(self.id, backend.url) if backend.remote else None
 
     # ------------------------------------------------------------ open / create
 
@@ -223,12 +226,20 @@ class Repository:
 
     # ------------------------------------------------------------ index
 
-    def _load_fragment(self, name: str) -> dict[bytes, fmt.IndexEntry]:
-        frag_id = name.rsplit("/", 1)[-1]
-        raw = self.backend.get(name)
+    def _load_fragment(self, listed: ObjectInfo, *, fresh: bool = False) -> dict[bytes, fmt.IndexEntry]:
+        """A listed fragment, from the local copy unless ``fresh`` (verify reads the vault's)."""
+        frag_id = listed.name.rsplit("/", 1)[-1]
+        if self.meta is not None and not fresh:
+            raw = self.meta.get("index", listed)
+            if raw is not None and fmt.hexdigest(raw) == frag_id:
+                return fmt.parse_index(raw)
+        raw = self.backend.get(listed.name)
         if fmt.hexdigest(raw) != frag_id:
             raise VaultCorrupt(f"index fragment {frag_id[:12]} does not match its hash")
-        return fmt.parse_index(raw)
+        frag = fmt.parse_index(raw)
+        if self.meta is not None:
+            self.meta.put("index", listed, raw)
+        return frag
 
     def index(self, *, reload: bool = False, strict: bool = False) -> dict[bytes, fmt.IndexEntry]:
         """The union of all index fragments: blob id → where it lies.
@@ -238,24 +249,34 @@ class Repository:
         with self._lock:
             if self._index is not None and not reload:
                 return self._index
-            names = [o.name for o in self._list("index/")]
-            todo = [n for n in names if n.rsplit("/", 1)[-1] not in self._fragments]
             bad: list[str] = []
+            vanished: list[str] = []
 
-            def load(name: str) -> None:
+            def load(listed: ObjectInfo) -> None:
                 try:
-                    self._fragments[name.rsplit("/", 1)[-1]] = self._load_fragment(name)
+                    self._fragments[listed.name.rsplit("/", 1)[-1]] = self._load_fragment(listed)
                 except ObjectNotFound:
-                    pass  # removed by a concurrent prune after it wrote the replacement
+                    vanished.append(listed.name)
                 except VaultCorrupt as err:
-                    bad.append(f"{name}: {err}")
+                    bad.append(f"{listed.name}: {err}")
 
-            self._parallel(load, todo, self.backend.read_concurrency)
+            for _attempt in range(3):
+                # A fragment listed but gone was merged by a prune, which writes the
+                # replacement before deleting: listing again finds it.
+                listing = self._list("index/")
+                todo = [o for o in listing if o.name.rsplit("/", 1)[-1] not in self._fragments]
+                vanished.clear()
+                bad.clear()
+                self._parallel(load, todo, self.backend.read_concurrency)
+                if not vanished:
+                    break
             if strict and bad:
                 raise VaultCorrupt(bad[0])
-            live = {n.rsplit("/", 1)[-1] for n in names}
+            live = {o.name.rsplit("/", 1)[-1] for o in listing}
             for stale in set(self._fragments) - live:
                 del self._fragments[stale]
+            if self.meta is not None:
+                self.meta.retain("index", live)
             merged: dict[bytes, fmt.IndexEntry] = {}
             for frag in self._fragments.values():
                 merged.update(frag)
@@ -305,29 +326,45 @@ class Repository:
         except BackendError as err:
             raise _wrap_backend_errors(f"listing {prefix}", self.backend.url)(err) from None
 
-    def load_manifest(self, snapshot_id: str) -> dict[str, Any]:
-        if snapshot_id in self._manifests:
+    def load_manifest(self, snapshot_id: str, listed: ObjectInfo | None = None, *, fresh: bool = False) -> dict[str, Any]:
+        """A manifest, checked against its id. With the ``listed`` object, a local copy of
+        that version may serve; ``fresh`` reads the vault's bytes, never a copy."""
+        if snapshot_id in self._manifests and not fresh:
             return self._manifests[snapshot_id]
+        if self.meta is not None and listed is not None and not fresh:
+            raw = self.meta.get("snapshots", listed)
+            if raw is not None and fmt.hexdigest(raw) == snapshot_id:
+                doc = fmt.parse_manifest(raw, snapshot_id)
+                self._manifests[snapshot_id] = doc
+                return doc
         try:
             raw = self.backend.get(f"snapshots/{snapshot_id}.json")
         except ObjectNotFound:
             raise SnapshotNotFound(f"no snapshot {snapshot_id[:12]}", "list them with: liferaft snapshots") from None
         doc = fmt.parse_manifest(raw, snapshot_id)
         self._manifests[snapshot_id] = doc
+        if self.meta is not None and listed is not None:
+            self.meta.put("snapshots", listed, raw)
         return doc
 
-    def snapshots(self, *, damaged: list[str] | None = None) -> list[SnapshotInfo]:
-        """All committed snapshots, oldest first. Unreadable manifests go to ``damaged``."""
-        ids = []
+    def snapshots(self, *, damaged: list[str] | None = None, fresh: bool = False) -> list[SnapshotInfo]:
+        """All committed snapshots, oldest first. Unreadable manifests go to ``damaged``.
+
+        ``fresh`` reads every manifest from the vault, not from memory or the local cache.
+        """
+        listed: dict[str, ObjectInfo] = {}
         for obj in self._list("snapshots/"):
             name = obj.name.rsplit("/", 1)[-1]
             if name.endswith(".json") and fmt.is_hex_id(name[:-5]):
-                ids.append(name[:-5])
+                listed[name[:-5]] = obj
+        ids = list(listed)
+        if self.meta is not None:
+            self.meta.retain("snapshots", set(ids))
         out: list[SnapshotInfo] = []
 
         def load(sid: str) -> None:
             try:
-                doc = self.load_manifest(sid)
+                doc = self.load_manifest(sid, listed[sid], fresh=fresh)
             except SnapshotNotFound:
                 return  # forgotten meanwhile
             except VaultCorrupt as err:
