@@ -64,17 +64,24 @@ def verify(repo: Repository, *, read_data: bool = False, on_progress: Callable[[
     report.damage += damaged_manifests
     report.snapshots = len(snaps)
     fragments: dict[str, dict[bytes, fmt.IndexEntry]] = {}
-    for obj in repo._list("index/"):
-        fid = obj.name.rsplit("/", 1)[-1]
-        try:
-            fragments[fid] = repo._load_fragment(obj, fresh=True)
-        except ObjectNotFound:
-            continue
-        except LiferaftError as err:
-            report.damage.append(f"index fragment {obj.name}: {err}")
+    _listing, bad = repo.load_fragments(fragments, fresh=True)  # the vault's bytes, not a local copy
+    report.damage += [f"index fragment {name}: {err}" for name, err in bad]
     index: dict[bytes, fmt.IndexEntry] = {}
     for frag in fragments.values():
         index.update(frag)
+    relisted = False
+
+    def relist_if(missing: bool) -> None:
+        # A prune may have merged fragments while we listed (a paged listing can miss both
+        # the old ones and the new one): list once more before calling a blob missing.
+        nonlocal relisted
+        if missing and not relisted:
+            relisted = True
+            repo.load_fragments(fragments, fresh=True)
+            for frag in fragments.values():
+                index.update(frag)
+
+    relist_if(any(bytes.fromhex(b) not in index for snap in snaps for b in snap.tree))
     packs = {o.name.rsplit("/", 1)[-1]: o.size for o in repo._list("packs/")}
     # Which snapshots depend on each blob.
     users: dict[bytes, set[str]] = defaultdict(set)
@@ -96,6 +103,7 @@ def verify(repo: Repository, *, read_data: bool = False, on_progress: Callable[[
         report.damaged_snapshots |= ids
         return ", ".join(sorted(i[:12] for i in ids)) or "no snapshot"
 
+    relist_if(any(bid not in index for bid in users))
     for bid in users:
         entry = index.get(bid)
         if entry is None:
@@ -457,21 +465,23 @@ def _rewrite_index(
                 kept[pid].append(fmt.PackEntry(bid, codec, off, length, raw))
     survivors: dict[str, tuple[int, list[fmt.PackEntry]]] = dict(new_entries)
     for pid, entries in kept.items():
-        # A pack uploaded after we listed packs (a writer we waited for) has no listed
-        # size: its entries' extent is a size the fragment parser accepts.
-        size = packs[pid].size if pid in packs else max(e.offset + e.length for e in entries)
-        survivors[pid] = (size, entries)
-    group: dict[str, tuple[int, list[fmt.PackEntry]]] = {}
+        # The size recorded is never less than the entries' extent: a pack uploaded after
+        # we listed packs (a writer we waited for) has no listed size, and a truncated one
+        # (verify names it) must not make the parser refuse the whole new fragment.
+        extent = max(e.offset + e.length for e in entries)
+        survivors[pid] = (max(packs[pid].size, extent) if pid in packs else extent, entries)
+    groups: list[dict[str, tuple[int, list[fmt.PackEntry]]]] = [{}]
     count = 0
     for pid, value in survivors.items():
-        group[pid] = value
-        count += len(value[1])
         if count >= FRAGMENT_ENTRIES:
+            groups.append({})
+            count = 0
+        groups[-1][pid] = value
+        count += len(value[1])
+    for group in groups:
+        if group:
             _put_fragment(repo, group)
-            group, count = {}, 0
-    if group:
-        _put_fragment(repo, group)
-    for fid in touched:
+    for fid in touched:  # only once every replacement is written and reads back whole
         try:
             repo.backend.delete(f"index/{fid}")
         except ObjectNotFound:
@@ -481,8 +491,14 @@ def _rewrite_index(
 
 def _put_fragment(repo: Repository, packs: dict[str, tuple[int, list[fmt.PackEntry]]]) -> None:
     data = fmt.build_index(packs, os.urandom(8).hex())
-    frag_id = fmt.hexdigest(data)
-    repo.backend.put(f"index/{frag_id}", data, overwrite=False)
+    want = {e.blob_id for _size, entries in packs.values() for e in entries}
+    try:
+        whole = set(fmt.parse_index(data)) == want
+    except VaultCorrupt:
+        whole = False
+    if not whole:  # before any old fragment is deleted
+        raise VaultCorrupt("a rewritten index fragment does not read back whole", "nothing was deleted; run `liferaft verify`")
+    repo.backend.put(f"index/{fmt.hexdigest(data)}", data, overwrite=False)
 
 
 def _delete_temps(repo: Repository, report: PruneReport, temp_age: float) -> None:

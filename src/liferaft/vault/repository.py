@@ -241,6 +241,33 @@ class Repository:
             self.meta.put("index", listed, raw)
         return frag
 
+    def load_fragments(
+        self, into: dict[str, dict[bytes, fmt.IndexEntry]], *, fresh: bool = False
+    ) -> tuple[list[ObjectInfo], list[tuple[str, VaultCorrupt]]]:
+        """List ``index/`` and load each listed fragment not yet ``into`` it; return the
+        listing and the damaged ones. A fragment listed but gone was merged by a prune,
+        which writes the replacement before deleting: then the folder is listed again."""
+        bad: list[tuple[str, VaultCorrupt]] = []
+        vanished: list[str] = []
+
+        def load(listed: ObjectInfo) -> None:
+            try:
+                into[listed.name.rsplit("/", 1)[-1]] = self._load_fragment(listed, fresh=fresh)
+            except ObjectNotFound:
+                vanished.append(listed.name)
+            except VaultCorrupt as err:
+                bad.append((listed.name, err))
+
+        for _attempt in range(3):
+            listing = self._list("index/")
+            todo = [o for o in listing if o.name.rsplit("/", 1)[-1] not in into]
+            vanished.clear()
+            bad.clear()
+            self._parallel(load, todo, self.backend.read_concurrency)
+            if not vanished:
+                break
+        return listing, bad
+
     def index(self, *, reload: bool = False, strict: bool = False) -> dict[bytes, fmt.IndexEntry]:
         """The union of all index fragments: blob id → where it lies.
 
@@ -249,29 +276,9 @@ class Repository:
         with self._lock:
             if self._index is not None and not reload:
                 return self._index
-            bad: list[str] = []
-            vanished: list[str] = []
-
-            def load(listed: ObjectInfo) -> None:
-                try:
-                    self._fragments[listed.name.rsplit("/", 1)[-1]] = self._load_fragment(listed)
-                except ObjectNotFound:
-                    vanished.append(listed.name)
-                except VaultCorrupt as err:
-                    bad.append(f"{listed.name}: {err}")
-
-            for _attempt in range(3):
-                # A fragment listed but gone was merged by a prune, which writes the
-                # replacement before deleting: listing again finds it.
-                listing = self._list("index/")
-                todo = [o for o in listing if o.name.rsplit("/", 1)[-1] not in self._fragments]
-                vanished.clear()
-                bad.clear()
-                self._parallel(load, todo, self.backend.read_concurrency)
-                if not vanished:
-                    break
+            listing, bad = self.load_fragments(self._fragments)
             if strict and bad:
-                raise VaultCorrupt(bad[0])
+                raise VaultCorrupt(f"{bad[0][0]}: {bad[0][1]}")
             live = {o.name.rsplit("/", 1)[-1] for o in listing}
             for stale in set(self._fragments) - live:
                 del self._fragments[stale]
