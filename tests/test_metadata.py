@@ -376,3 +376,33 @@ def test_verify_racing_a_merge_reports_no_damage(local_vault: str, tmp_path: Pat
     report = maintenance.verify(Repository.open(backend))
     assert not backend.armed
     assert report.ok, report.damage
+
+
+def test_an_entry_in_two_fragments_counts_once_towards_its_packs_use(local_vault: str, tmp_path: Path) -> None:
+    """A prune killed after writing its replacement fragment leaves entries twice; the next
+    prune must judge packs as it would without the copy (it used to count them twice, keep
+    a mostly-dead pack, and leave the work to the prune after it)."""
+    from liferaft.vault import format as fmt
+
+    work = make_tree(tmp_path / "work", {"keep.bin": os.urandom(1_500_000), "drop.bin": os.urandom(2_500_000)})
+    vault = liferaft.Vault(local_vault)
+    first = vault.snapshot([work], run="r")
+    (work / "drop.bin").unlink()
+    vault.snapshot([work], run="r")
+    vault.forget_ids([first.id])
+    repo = liferaft.Vault(local_vault).repository()
+    for frag in list(repo.fragments().values()):  # every fragment twice, as a killed prune leaves them
+        packs: dict[str, tuple[int, list[fmt.PackEntry]]] = {}
+        for bid, (pid, codec, off, length, raw) in frag.items():
+            size = repo.backend.stat(f"packs/{pid[:2]}/{pid}").size
+            packs.setdefault(pid, (size, []))[1].append(fmt.PackEntry(bid, codec, off, length, raw))
+        data = fmt.build_index(packs, "copy")
+        repo.backend.put(f"index/{fmt.hexdigest(data)}", data)
+    report = liferaft.Vault(local_vault).prune(wait=0)
+    assert report.packs_repacked == 1  # keep.bin's pack is 37 % live
+    again = liferaft.Vault(local_vault).prune(wait=0)
+    assert again.packs_deleted == again.packs_repacked == 0
+    fresh = liferaft.Vault(local_vault)
+    assert fresh.verify(read_data=True).ok
+    result = fresh.restore(run="r", to=tmp_path / "back")
+    assert result is not None and tree_state(tmp_path / "back" / "work") == tree_state(work)

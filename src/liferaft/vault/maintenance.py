@@ -341,10 +341,13 @@ def _mark(repo: Repository) -> tuple[list[SnapshotInfo], set[bytes]]:
 def _fresh_index(repo: Repository) -> tuple[dict[str, dict[bytes, fmt.IndexEntry]], dict[str, list[tuple[bytes, fmt.IndexEntry]]]]:
     repo.index(reload=True)
     fragments = repo.fragments()
-    by_pack: dict[str, list[tuple[bytes, fmt.IndexEntry]]] = defaultdict(list)
+    # Each (blob, pack) once: a prune killed after writing its replacement fragment leaves
+    # the same entry in two fragments, which must not count twice towards a pack's use.
+    unique: dict[str, dict[bytes, fmt.IndexEntry]] = defaultdict(dict)
     for frag in fragments.values():
         for bid, entry in frag.items():
-            by_pack[entry[0]].append((bid, entry))
+            unique[entry[0]].setdefault(bid, entry)
+    by_pack = {pid: list(entries.items()) for pid, entries in unique.items()}
     return fragments, by_pack
 
 
@@ -458,13 +461,14 @@ def _rewrite_index(
     """Replace the ``touched`` fragments by new ones holding their entries outside the
     ``doomed`` packs, plus ``new_entries``; written before the old ones are deleted, so a
     reader always finds every live blob (it lists again when a listed fragment is gone)."""
-    kept: dict[str, list[fmt.PackEntry]] = defaultdict(list)
+    kept: dict[str, dict[bytes, fmt.PackEntry]] = defaultdict(dict)  # each (pack, blob) once
     for fid in touched:
         for bid, (pid, codec, off, length, raw) in fragments[fid].items():
             if pid not in doomed:
-                kept[pid].append(fmt.PackEntry(bid, codec, off, length, raw))
+                kept[pid].setdefault(bid, fmt.PackEntry(bid, codec, off, length, raw))
     survivors: dict[str, tuple[int, list[fmt.PackEntry]]] = dict(new_entries)
-    for pid, entries in kept.items():
+    for pid, by_blob in kept.items():
+        entries = list(by_blob.values())
         # The size recorded is never less than the entries' extent: a pack uploaded after
         # we listed packs (a writer we waited for) has no listed size, and a truncated one
         # (verify names it) must not make the parser refuse the whole new fragment.
