@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import __version__
 from ..backends import Backend, BackendError, NoSpace, ObjectExists, ObjectInfo, ObjectNotFound
@@ -36,6 +36,7 @@ from . import format as fmt
 from .metacache import MetaCache
 
 CONFIG = "config.json"
+_T = TypeVar("_T")
 PACK_TARGET = 16 << 20  # restic's default too: few objects, small buffers, cheap retries
 SESSION_REFRESH = 30.0
 STALE_AFTER = 300.0
@@ -226,20 +227,33 @@ class Repository:
 
     # ------------------------------------------------------------ index
 
+    def _read_checked(self, kind: str, name: str, listed: ObjectInfo | None, parse: Callable[[bytes], _T], *, fresh: bool) -> _T:
+        """``parse`` (which checks the bytes against the object's hash-name) of a manifest
+        or fragment: from the local copy of the ``listed`` version when one passes, else
+        from the vault, then kept. ``fresh`` reads the vault's bytes (verify)."""
+        meta = self.meta
+        if meta is not None and listed is not None and not fresh:
+            raw = meta.get(kind, listed)
+            if raw is not None:
+                try:
+                    return parse(raw)
+                except VaultCorrupt:
+                    pass  # a damaged copy: the vault's bytes decide
+        raw = self.backend.get(name)
+        value = parse(raw)
+        if meta is not None and listed is not None:
+            meta.put(kind, listed, raw)
+        return value
+
     def _load_fragment(self, listed: ObjectInfo, *, fresh: bool = False) -> dict[bytes, fmt.IndexEntry]:
-        """A listed fragment, from the local copy unless ``fresh`` (verify reads the vault's)."""
         frag_id = listed.name.rsplit("/", 1)[-1]
-        if self.meta is not None and not fresh:
-            raw = self.meta.get("index", listed)
-            if raw is not None and fmt.hexdigest(raw) == frag_id:
-                return fmt.parse_index(raw)
-        raw = self.backend.get(listed.name)
-        if fmt.hexdigest(raw) != frag_id:
-            raise VaultCorrupt(f"index fragment {frag_id[:12]} does not match its hash")
-        frag = fmt.parse_index(raw)
-        if self.meta is not None:
-            self.meta.put("index", listed, raw)
-        return frag
+
+        def parse(raw: bytes) -> dict[bytes, fmt.IndexEntry]:
+            if fmt.hexdigest(raw) != frag_id:
+                raise VaultCorrupt(f"index fragment {frag_id[:12]} does not match its hash")
+            return fmt.parse_index(raw)
+
+        return self._read_checked("index", listed.name, listed, parse, fresh=fresh)
 
     def load_fragments(
         self, into: dict[str, dict[bytes, fmt.IndexEntry]], *, fresh: bool = False
@@ -338,20 +352,12 @@ class Repository:
         that version may serve; ``fresh`` reads the vault's bytes, never a copy."""
         if snapshot_id in self._manifests and not fresh:
             return self._manifests[snapshot_id]
-        if self.meta is not None and listed is not None and not fresh:
-            raw = self.meta.get("snapshots", listed)
-            if raw is not None and fmt.hexdigest(raw) == snapshot_id:
-                doc = fmt.parse_manifest(raw, snapshot_id)
-                self._manifests[snapshot_id] = doc
-                return doc
+        name = f"snapshots/{snapshot_id}.json"
         try:
-            raw = self.backend.get(f"snapshots/{snapshot_id}.json")
+            doc = self._read_checked("snapshots", name, listed, lambda raw: fmt.parse_manifest(raw, snapshot_id), fresh=fresh)
         except ObjectNotFound:
             raise SnapshotNotFound(f"no snapshot {snapshot_id[:12]}", "list them with: liferaft snapshots") from None
-        doc = fmt.parse_manifest(raw, snapshot_id)
         self._manifests[snapshot_id] = doc
-        if self.meta is not None and listed is not None:
-            self.meta.put("snapshots", listed, raw)
         return doc
 
     def snapshots(self, *, damaged: list[str] | None = None, fresh: bool = False) -> list[SnapshotInfo]:
