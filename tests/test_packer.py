@@ -138,6 +138,75 @@ def test_a_staged_put_appears_only_when_finished_and_owns_its_bytes(tmp_path: Pa
         backend.put_staged("packs/ab/one", b"again")
 
 
+def _resident_pages(path: Path) -> tuple[int, int]:
+    """(pages of ``path`` in the page cache, pages in all), by mincore(2) on a private map."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    page = mmap.PAGESIZE
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
+        pages = (size + page - 1) // page
+        vec = ctypes.create_string_buffer(pages)
+        anchor = ctypes.c_char.from_buffer(m)  # the map's address; no page is touched
+        try:
+            if libc.mincore(ctypes.addressof(anchor), size, vec) != 0:
+                pytest.skip(f"mincore: {os.strerror(ctypes.get_errno())}")
+            return sum(b & 1 for b in vec.raw), pages
+        finally:
+            del anchor
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this system")
+@pytest.mark.parametrize("size", [1 << 20, (3 << 20) + 123, (5 << 20) - 1])
+def test_a_staged_pack_is_written_past_the_page_cache_and_reads_back_whole(tmp_path: Path, size: int) -> None:
+    # Pack buffers are page-aligned anonymous memory, so a local vault writes them with
+    # O_DIRECT: the bytes go to the disk without filling the page cache with data this
+    # machine will not read again. Lengths that are not a multiple of the block size
+    # end with a buffered tail.
+    from liferaft.backends import LocalBackend
+    from liferaft.vault.repository import _PackBuffer
+
+    try:  # where the file system refuses direct I/O, the buffered path is all there is
+        probe = os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+        os.close(probe)
+    except OSError:
+        pytest.skip("this file system refuses O_DIRECT")
+    data = os.urandom(size)
+    buf = _PackBuffer(size)
+    buf.append(data)
+    backend = LocalBackend(tmp_path / "v")
+    backend.put_staged("packs/ab/one", buf.view())()
+    resident, pages = _resident_pages(tmp_path / "v" / "packs" / "ab" / "one")  # before any read
+    assert resident <= 1, f"{resident} of {pages} pages left in the page cache"
+    assert backend.get("packs/ab/one") == data
+
+
+def test_a_staged_put_from_unaligned_memory_falls_back_to_the_page_cache(tmp_path: Path) -> None:
+    # Direct I/O refuses memory off a block boundary (EINVAL): the write goes on through
+    # the page cache, from where the refused write stopped, and the file is whole.
+    from liferaft.backends import LocalBackend
+
+    data = os.urandom((4 << 20) + 1)
+    backend = LocalBackend(tmp_path / "v")
+    backend.put_staged("packs/ab/odd", memoryview(data)[1:])()
+    assert backend.get("packs/ab/odd") == data[1:]
+
+
+def test_a_pack_buffer_grows_past_its_capacity_and_keeps_its_bytes() -> None:
+    from liferaft.vault.repository import _PackBuffer
+
+    buf = _PackBuffer(4096)
+    first, second = os.urandom(3000), os.urandom(5000)
+    buf.append(first)
+    held = buf.view()  # a view of the old memory (an upload in flight) stays valid
+    buf.append(second)
+    assert bytes(buf.view()) == first + second
+    assert bytes(held) == first
+
+
 def test_buffers_of_different_sizes_never_end_a_file_early(local_vault: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A buffer grows when a pack header outgrows its room (thousands of tiny blobs) and
     # goes back to the pool grown. A file that starts in a big buffer and rolls into a

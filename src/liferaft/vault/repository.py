@@ -8,6 +8,7 @@ written once every byte it references is durable in the store.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import queue
 import threading
@@ -523,16 +524,21 @@ def info_from_manifest(sid: str, doc: dict[str, Any]) -> SnapshotInfo:
 
 
 class _PackBuffer:
-    """A reusable, growable pack buffer."""
+    """A reusable, growable pack buffer.
+
+    Anonymous memory (``mmap``), so it starts on a page boundary: a local vault writes
+    it to disk past the page cache (``O_DIRECT``), which needs aligned memory."""
 
     def __init__(self, capacity: int) -> None:
-        self.buf = bytearray(capacity)
+        self.buf = mmap.mmap(-1, capacity)
         self.n = 0
 
     def append(self, data: bytes | bytearray | memoryview) -> None:
         end = self.n + len(data)
         if end > len(self.buf):
-            self.buf.extend(bytes(end - len(self.buf)))
+            grown = mmap.mmap(-1, max(end, len(self.buf) + len(self.buf) // 2))
+            grown[: self.n] = self.buf[: self.n]
+            self.buf = grown  # the old map goes when its last view does
         self.buf[self.n : end] = data
         self.n = end
 
