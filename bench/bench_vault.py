@@ -287,7 +287,7 @@ def main() -> int:
         )
         return 0
     rows = [("workload", "best s", "median s", "MiB/s (best)", "peak RSS MiB")]
-    sizes = {"cp": gib, "cpsync": gib, "floor": gib, "snap": gib, "snapapi": gib, "snap2": gib, "restore": gib, "cpcold": gib, "restorecold": gib, "tar": gib, "zip": gib}
+    sizes = dict.fromkeys(["cp", "cpsync", "floor", "snap", "snapapi", "snap2", "restore", "cpcold", "restorecold", "tar", "zip"], gib)
     for k, v in results.items():
         rate = f"{sizes[k] * 1024 / v.seconds:.0f}" if k in sizes else ""
         rss = f"{v.peak_rss_mib:.0f}" if v.peak_rss_mib else "(in process)"
