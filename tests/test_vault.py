@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import liferaft
 from conftest import make_tree, tree_state
@@ -276,6 +278,27 @@ def test_secrets_left_out_by_default(vault_url: str, tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "back" / "proj").rglob("*") if p.is_file()) == ["model.pt"]
     snap = vault.snapshot([src], run="r", include_secrets=True)
     assert snap.stats["secrets_excluded"] == 0
+
+
+@given(
+    st.lists(
+        st.sampled_from([".env", ".pem", "token", "kaggle", ".json", "-sa-key", "service-account", "\n", "x", ".", "*", "["]), max_size=6
+    )
+)
+@settings(max_examples=300, deadline=None)
+def test_secret_names_match_exactly_what_the_shell_patterns_say(parts: list[str]) -> None:
+    # The patterns are matched as one compiled expression; it must agree with fnmatch
+    # pattern by pattern, newline and bracket characters included.
+    import fnmatch
+
+    from liferaft.vault.snapshot import SECRET_PATTERNS, is_secret
+
+    name = "".join(parts)
+    assert is_secret(name) == any(fnmatch.fnmatchcase(name, p) for p in SECRET_PATTERNS)
+    for plain in (".netrc", "x.pem", ".env.local", "my.token", "service-account-prod.json", "a-sa-key.json"):
+        assert is_secret(plain)
+    for other in ("tokens", "x.pem.bak", "kaggle.json\n", "env", "model.pt"):
+        assert not is_secret(other)
 
 
 def test_vault_inside_snapshotted_folder_is_skipped(tmp_path: Path) -> None:

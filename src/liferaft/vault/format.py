@@ -7,10 +7,12 @@ These are the functions the fuzz tests hammer.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 import struct
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,27 +57,26 @@ def is_hex_id(value: Any, length: int = 64) -> bool:
 
 # ---------------------------------------------------------------- compression
 
-_tls_local: dict[str, Any] = {}
+_contexts = threading.local()  # zstd contexts are not thread-safe: one set per thread
 
 
 def _cctx(level: int) -> zstandard.ZstdCompressor:
-    import threading
-
-    key = f"c{level}-{threading.get_ident()}"
-    ctx = _tls_local.get(key)
-    if ctx is None:
-        ctx = _tls_local[key] = zstandard.ZstdCompressor(level=level)
+    try:
+        return _contexts.c[level]  # type: ignore[no-any-return]
+    except AttributeError:
+        _contexts.c = {}
+    except KeyError:
+        pass
+    ctx = _contexts.c[level] = zstandard.ZstdCompressor(level=level)
     return ctx
 
 
 def _dctx() -> zstandard.ZstdDecompressor:
-    import threading
-
-    key = f"d-{threading.get_ident()}"
-    ctx = _tls_local.get(key)
-    if ctx is None:
-        ctx = _tls_local[key] = zstandard.ZstdDecompressor()
-    return ctx
+    try:
+        return _contexts.d  # type: ignore[no-any-return]
+    except AttributeError:
+        ctx = _contexts.d = zstandard.ZstdDecompressor()
+        return ctx
 
 
 def compress(data: bytes | memoryview, level: int = 3) -> bytes:
@@ -137,10 +138,9 @@ def maybe_compress(data: bytes | memoryview) -> tuple[int, bytes | memoryview]:
     n = len(data)
     if n < 256:
         return CODEC_RAW, data
-    sample = data[:SAMPLE] if n > SAMPLE else data
-    if len(compress(sample, 1)) > 0.9 * len(sample):
+    if n > SAMPLE and len(compress(data[:SAMPLE], 1)) > 0.9 * SAMPLE:
         return CODEC_RAW, data
-    packed = compress(data, 3)
+    packed = compress(data, 3)  # a blob no larger than the sample is its own sample
     if len(packed) > 0.95 * n:
         return CODEC_RAW, data
     return CODEC_ZSTD, packed
@@ -265,6 +265,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
 
+@functools.lru_cache(maxsize=1)
+def _strict_json() -> json.JSONDecoder:
+    """One decoder for every tree line: ``json.loads`` with an argument builds a new one
+    per call, which is most of the cost of parsing a tree of small entries."""
+    return json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _int(value: Any, what: str, lo: int = 0, hi: int = 1 << 62) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise VaultCorrupt(f"{what} must be an integer in [{lo}, {hi}], got {value!r:.40}")
@@ -385,7 +392,7 @@ def parse_tree(data: bytes) -> list[Entry]:
         if not line:
             continue
         try:
-            d = json.loads(line, parse_constant=_reject_constant)
+            d = _strict_json().decode(line)
         except (ValueError, RecursionError) as err:
             raise VaultCorrupt(f"tree line {lineno} is not JSON: {err}") from None
         if not isinstance(d, dict):

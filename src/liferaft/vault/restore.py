@@ -354,7 +354,7 @@ def restore_snapshot(
             tree.remove_created()
     result.stale_temps_removed = tree.stale_removed
     if update_cache:
-        _record_cache(repo, dests, files)
+        _record_cache(repo, dests, files, finals)
     return result
 
 
@@ -453,14 +453,15 @@ def _fill(
         progress.finish()
 
 
-def _record_cache(repo: Repository, dests: dict[str, Path], files: list[fmt.Entry]) -> None:
+def _record_cache(repo: Repository, dests: dict[str, Path], files: list[fmt.Entry], finals: dict[int, str]) -> None:
     """Restored files are known: the next snapshot of these folders need not read them."""
     per_root: dict[str, dict[str, list[object]]] = defaultdict(dict)
-    for f in files:
+    for i, f in enumerate(files):
+        if i not in finals:
+            continue  # not written by this restore
         root, rel = _split(f.path)
-        path = dests[root].joinpath(*rel)
         try:
-            st = os.lstat(path)
+            st = os.lstat(finals[i])
         except OSError:
             continue
         per_root[root]["/".join(rel) or "."] = [*stat_key(st), f.blobs]

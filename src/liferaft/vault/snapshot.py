@@ -9,11 +9,14 @@ changes while it is read is not committed in this snapshot: its previous version
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import os
+import re
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,8 +53,14 @@ SECRET_PATTERNS = (
 )
 
 
+@functools.lru_cache(maxsize=8)
+def _secret_matcher(patterns: tuple[str, ...]) -> Callable[[str], re.Match[str] | None]:
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)).match
+
+
 def is_secret(name: str, patterns: tuple[str, ...] = SECRET_PATTERNS) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    """Whether a file name matches one of the credential patterns (case-sensitive)."""
+    return _secret_matcher(patterns)(name) is not None
 
 
 @dataclass
@@ -183,7 +192,9 @@ class _Reader:
                 if not stat.S_ISREG(opened.st_mode):
                     return None
                 if opened.st_size <= self.small:
-                    data = f.read(self.small + 1)
+                    # One byte past the size it has: a file that grew is noticed below,
+                    # and a 4 KiB file costs a 4 KiB buffer, not a 1 MiB one.
+                    data = f.read(opened.st_size + 1)
                     total = len(data)
                     if data:
                         blobs.append(self.session.add(data).hex())
