@@ -299,6 +299,8 @@ def test_secret_names_match_exactly_what_the_shell_patterns_say(parts: list[str]
         assert is_secret(plain)
     for other in ("tokens", "x.pem.bak", "kaggle.json\n", "env", "model.pt"):
         assert not is_secret(other)
+    assert not is_secret(".netrc", ())  # no patterns: nothing is a secret (an empty expression would match all)
+    assert is_secret("x.key", ["*.key"]) and not is_secret("x.pem", ["*.key"])
 
 
 def test_vault_inside_snapshotted_folder_is_skipped(tmp_path: Path) -> None:

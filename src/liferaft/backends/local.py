@@ -36,6 +36,7 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
 _DIRECT = getattr(os, "O_DIRECT", 0)  # Linux and some BSDs; 0 elsewhere
 _ALIGN = 4096  # a multiple of every disk's logical block size
 _DIRECT_MIN = 1 << 20  # below this the page cache costs nothing worth avoiding
+_NO_DIRECT = {errno.EINVAL, getattr(errno, "EOPNOTSUPP", errno.EINVAL), getattr(errno, "ENOTSUP", errno.EINVAL)}
 
 
 def _write_past_cache(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -46,7 +47,7 @@ def _write_past_cache(fd: int, data: bytes | bytearray | memoryview) -> None:
     backs lazily, a buffered 1 GiB write plus fsync took 0.84-1.7 s against 0.50-0.54 s
     direct. Direct I/O needs the memory, the length and the file offset aligned (a pack
     buffer is page-aligned ``mmap`` memory); the unaligned tail, and all of it where the
-    file system refuses (tmpfs, some FUSE mounts, misaligned memory: EINVAL), goes
+    file system refuses (tmpfs, some FUSE mounts, misaligned memory: EINVAL or EOPNOTSUPP), goes
     through the page cache as usual. The caller's fsync makes either kind durable.
     """
     view = memoryview(data).cast("B")
@@ -65,11 +66,15 @@ def _write_past_cache(fd: int, data: bytes | bytearray | memoryview) -> None:
     else:
         try:
             while done < aligned and done % _ALIGN == 0:
-                done += os.write(fd, view[done:aligned])
+                n = os.write(fd, view[done:aligned])
+                if n <= 0:
+                    break
+                done += n
         except OSError as err:
-            if err.errno != errno.EINVAL:
+            if err.errno not in _NO_DIRECT:
                 raise
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        finally:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
     _write_all(fd, view[done:])
 
 

@@ -373,8 +373,14 @@ def check_rel_path(path: Any, what: str = "path") -> str:
     return path
 
 
+@functools.lru_cache(maxsize=1)
+def _compact_json() -> json.JSONEncoder:
+    return json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # one for all lines, as above
+
+
 def encode_tree(entries: list[Entry]) -> bytes:
-    lines = [json.dumps(e.to_json(), separators=(",", ":"), ensure_ascii=False) for e in entries]
+    encode = _compact_json().encode
+    lines = [encode(e.to_json()) for e in entries]
     return ("\n".join(lines) + "\n").encode() if lines else b""
 
 

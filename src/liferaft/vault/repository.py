@@ -523,6 +523,13 @@ def info_from_manifest(sid: str, doc: dict[str, Any]) -> SnapshotInfo:
     )
 
 
+def _anonymous(size: int) -> mmap.mmap:
+    """Fresh page-aligned memory, private to this process (a forked child gets a copy)."""
+    if hasattr(mmap, "MAP_PRIVATE"):
+        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return mmap.mmap(-1, size)  # Windows: anonymous memory is the process's own
+
+
 class _PackBuffer:
     """A reusable, growable pack buffer.
 
@@ -530,14 +537,15 @@ class _PackBuffer:
     it to disk past the page cache (``O_DIRECT``), which needs aligned memory."""
 
     def __init__(self, capacity: int) -> None:
-        self.buf = mmap.mmap(-1, capacity)
+        self.buf = _anonymous(capacity)
         self.n = 0
 
     def append(self, data: bytes | bytearray | memoryview) -> None:
         end = self.n + len(data)
         if end > len(self.buf):
-            grown = mmap.mmap(-1, max(end, len(self.buf) + len(self.buf) // 2))
-            grown[: self.n] = self.buf[: self.n]
+            grown = _anonymous(max(end, len(self.buf) + len(self.buf) // 2))
+            with memoryview(self.buf) as old:
+                grown[: self.n] = old[: self.n]
             self.buf = grown  # the old map goes when its last view does
         self.buf[self.n : end] = data
         self.n = end

@@ -30,6 +30,7 @@ from .statcache import StatCache, stat_key
 
 SEGMENT = 8 << 20
 GAP = 1 << 20
+SEGMENT_BLOBS = 500  # small files per unit of work, so that one pack's files are made in parallel
 _CREATE = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 # A restore's temp files: ``.liferaft-SCOPE-PID-RANDOM.tmp`` (see ``platform.pid_scope``),
@@ -388,67 +389,70 @@ def _fill(
     lock = threading.Lock()
     local = threading.local()  # one reusable read buffer per worker
 
-    def do_pack(pack_id: str) -> None:
-        blobs = sorted(by_pack[pack_id])
+    def do_segment(pack_id: str, seg: list[tuple[int, int, int, int, bytes]]) -> None:
+        start = seg[0][0]
+        end = seg[-1][0] + seg[-1][1]
+        buf = getattr(local, "buf", None)
+        if buf is None or len(buf) < end - start:
+            buf = local.buf = bytearray(max(SEGMENT + (4 << 20), end - start))
+        data = memoryview(buf)[: end - start]
+        moved: dict[bytes, bytes] | None = None
+        try:
+            repo.read_pack_into(pack_id, start, data)
+        except ObjectNotFound:
+            # A prune (here or in another process) repacked these blobs since our index
+            # was read: read_blob reloads the index and reads them where they are now,
+            # raising VaultCorrupt only if they are really gone.
+            moved = {item[4]: repo.read_blob(item[4]) for item in seg}
+        for off, length, codec, raw, bid in seg:
+            plain = moved[bid] if moved is not None else fmt.unpack_blob(bid, codec, data[off - start : off - start + length], raw)
+            for i, file_off in targets[bid]:
+                # Temp names are random and fresh: created by the first blob to arrive.
+                fd = os.open(temps[i], _CREATE, 0o600)
+                try:
+                    view = memoryview(plain)
+                    pos = file_off
+                    while view:
+                        n = os.pwrite(fd, view, pos)
+                        view = view[n:]
+                        pos += n
+                    with lock:
+                        remaining[i] -= 1
+                        done = remaining[i] == 0
+                    if done:
+                        _finish_file(fd, files[i])
+                        fd = -1
+                finally:
+                    if fd >= 0:
+                        os.close(fd)
+                progress.advance(1 if done else 0, raw)
+
+    # The unit of work is a segment: one read of nearby blobs in a pack. A pack of many
+    # small files is cut into several, so that its files are made by every worker.
+    work: list[tuple[str, list[tuple[int, int, int, int, bytes]]]] = []
+    for pack_id, items in by_pack.items():
         seg: list[tuple[int, int, int, int, bytes]] = []
-
-        def flush_segment() -> None:
-            if not seg:
-                return
-            start = seg[0][0]
-            end = seg[-1][0] + seg[-1][1]
-            buf = getattr(local, "buf", None)
-            if buf is None or len(buf) < end - start:
-                buf = local.buf = bytearray(max(SEGMENT + (4 << 20), end - start))
-            data = memoryview(buf)[: end - start]
-            moved: dict[bytes, bytes] | None = None
-            try:
-                repo.read_pack_into(pack_id, start, data)
-            except ObjectNotFound:
-                # A prune (here or in another process) repacked these blobs since our index
-                # was read: read_blob reloads the index and reads them where they are now,
-                # raising VaultCorrupt only if they are really gone.
-                moved = {item[4]: repo.read_blob(item[4]) for item in seg}
-            for off, length, codec, raw, bid in seg:
-                plain = moved[bid] if moved is not None else fmt.unpack_blob(bid, codec, data[off - start : off - start + length], raw)
-                for i, file_off in targets[bid]:
-                    # Temp names are random and fresh: created by the first blob to arrive.
-                    fd = os.open(temps[i], _CREATE, 0o600)
-                    try:
-                        view = memoryview(plain)
-                        pos = file_off
-                        while view:
-                            n = os.pwrite(fd, view, pos)
-                            view = view[n:]
-                            pos += n
-                        with lock:
-                            remaining[i] -= 1
-                            done = remaining[i] == 0
-                        if done:
-                            _finish_file(fd, files[i])
-                            fd = -1
-                    finally:
-                        if fd >= 0:
-                            os.close(fd)
-                    progress.advance(1 if done else 0, raw)
-            seg.clear()
-
-        for item in blobs:
-            if seg and (item[0] - (seg[-1][0] + seg[-1][1]) > GAP or item[0] + item[1] - seg[0][0] > SEGMENT):
-                flush_segment()
+        for item in sorted(items):
+            if seg and (item[0] - (seg[-1][0] + seg[-1][1]) > GAP or item[0] + item[1] - seg[0][0] > SEGMENT or len(seg) >= SEGMENT_BLOBS):
+                work.append((pack_id, seg))
+                seg = []
             seg.append(item)
-        flush_segment()
-
-    packs = list(by_pack)
+        if seg:
+            work.append((pack_id, seg))
     try:
-        if workers <= 1 or len(packs) <= 1:
-            for p in packs:
-                do_pack(p)
+        if workers <= 1 or len(work) <= 1:
+            for pack_id, seg in work:
+                do_segment(pack_id, seg)
         else:
-            with ThreadPoolExecutor(min(workers, len(packs)), thread_name_prefix="liferaft-restore") as pool:
-                futures = [pool.submit(do_pack, p) for p in packs]
-                for fut in futures:
-                    fut.result()
+            with ThreadPoolExecutor(min(workers, len(work)), thread_name_prefix="liferaft-restore") as pool:
+                futures = [pool.submit(do_segment, pack_id, seg) for pack_id, seg in work]
+                try:
+                    for fut in futures:
+                        fut.result()
+                except BaseException:
+                    for fut in futures:  # a damaged pack: stop now, the fallback comes sooner
+                        fut.cancel()
+                    raise
     finally:
         progress.finish()
 

@@ -16,7 +16,7 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,9 +58,9 @@ def _secret_matcher(patterns: tuple[str, ...]) -> Callable[[str], re.Match[str] 
     return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)).match
 
 
-def is_secret(name: str, patterns: tuple[str, ...] = SECRET_PATTERNS) -> bool:
+def is_secret(name: str, patterns: Sequence[str] = SECRET_PATTERNS) -> bool:
     """Whether a file name matches one of the credential patterns (case-sensitive)."""
-    return _secret_matcher(patterns)(name) is not None
+    return bool(patterns) and _secret_matcher(tuple(patterns))(name) is not None
 
 
 @dataclass
