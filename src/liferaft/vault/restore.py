@@ -144,6 +144,8 @@ class _Tree:
     def __init__(self) -> None:
         self.made: set[Path] = set()
         self.created: dict[Path, None] = {}  # folders this restore made, parents first
+        self.created_names: set[str] = set()  # the same, as strings (a Path hashes slowly)
+        self._ensured: dict[tuple[str, ...], Path] = {}
         self.swept: set[str] = set()
         self.stale_removed = 0
 
@@ -153,7 +155,7 @@ class _Tree:
         if key in self.swept:
             return
         self.swept.add(key)
-        if Path(key) not in self.created:
+        if key not in self.created_names:
             self.stale_removed += sweep_temps(key)
 
     def remove_created(self) -> None:
@@ -178,9 +180,14 @@ class _Tree:
                 p = p.parent
             os.makedirs(root, exist_ok=True)
             self.created.update(dict.fromkeys(reversed(missing)))
+            self.created_names.update(str(p) for p in missing)
         self.made.add(root)
 
     def ensure(self, root: Path, rel_parts: list[str]) -> Path:
+        key = (str(root), *rel_parts)
+        known = self._ensured.get(key)
+        if known is not None:
+            return known
         self.ensure_root(root)
         path = root
         for part in rel_parts:
@@ -192,6 +199,7 @@ class _Tree:
             except FileNotFoundError:
                 os.mkdir(path, 0o755)
                 self.created[path] = None
+                self.created_names.add(str(path))
             else:
                 if not stat.S_ISDIR(st.st_mode):
                     raise RestoreRefused(
@@ -199,6 +207,7 @@ class _Tree:
                         "move it away or restore with --to DIR",
                     )
             self.made.add(path)
+        self._ensured[key] = path
         return path
 
 
@@ -284,10 +293,11 @@ def restore_snapshot(
                 parent = tree.ensure(dests[root], rel[:-1])
                 final = os.path.join(parent, rel[-1])
             try:
-                st = os.lstat(final)
+                # A folder this restore made was empty: nothing can be in the way there.
+                st = None if str(parent) in tree.created_names else os.lstat(final)
             except FileNotFoundError:
-                pass
-            else:
+                st = None
+            if st is not None:
                 if stat.S_ISDIR(st.st_mode):
                     raise RestoreRefused(f"{final} is a folder where the snapshot has a file", "move it away or restore with --to DIR")
                 if not replace_newer and _newer_work(st, f):
@@ -308,10 +318,10 @@ def restore_snapshot(
         _fill(repo, files, temps, index, progress, workers)
         # Everything verified: now make it visible.
         shown = True
-        for i, f in enumerate(files):
-            os.replace(temps.pop(i), finals[i])
-            result.files += 1
-            result.nbytes += f.size
+        stats = _show([(temps[i], finals[i]) for i in range(len(files))], update_cache, workers)
+        temps.clear()
+        result.files = len(files)
+        result.nbytes = sum(f.size for f in files)
         for e in entries:
             if e.type != fmt.TYPE_LINK:
                 continue
@@ -355,8 +365,36 @@ def restore_snapshot(
             tree.remove_created()
     result.stale_temps_removed = tree.stale_removed
     if update_cache:
-        _record_cache(repo, dests, files, finals)
+        _record_cache(repo, dests, files, stats)
     return result
+
+
+_SHOW_BATCH = 1000
+
+
+def _show(moves: list[tuple[str, str]], want_stat: bool, workers: int) -> list[os.stat_result | None]:
+    """Rename each verified temp file to its name; with ``want_stat``, each one's stat after.
+
+    In threads for many files: a rename waits on the file system, not on the GIL."""
+
+    def batch(part: list[tuple[str, str]]) -> list[os.stat_result | None]:
+        out: list[os.stat_result | None] = []
+        for tmp, final in part:
+            os.replace(tmp, final)
+            st = None
+            if want_stat:
+                try:
+                    st = os.lstat(final)
+                except OSError:
+                    pass
+            out.append(st)
+        return out
+
+    parts = [moves[k : k + _SHOW_BATCH] for k in range(0, len(moves), _SHOW_BATCH)]
+    if workers <= 1 or len(parts) <= 1:
+        return [st for part in parts for st in batch(part)]
+    with ThreadPoolExecutor(min(workers, len(parts)), thread_name_prefix="liferaft-restore") as pool:
+        return [st for done in pool.map(batch, parts) for st in done]
 
 
 def _fill(
@@ -457,17 +495,13 @@ def _fill(
         progress.finish()
 
 
-def _record_cache(repo: Repository, dests: dict[str, Path], files: list[fmt.Entry], finals: dict[int, str]) -> None:
+def _record_cache(repo: Repository, dests: dict[str, Path], files: list[fmt.Entry], stats: list[os.stat_result | None]) -> None:
     """Restored files are known: the next snapshot of these folders need not read them."""
     per_root: dict[str, dict[str, list[object]]] = defaultdict(dict)
-    for i, f in enumerate(files):
-        if i not in finals:
-            continue  # not written by this restore
-        root, rel = _split(f.path)
-        try:
-            st = os.lstat(finals[i])
-        except OSError:
+    for f, st in zip(files, stats, strict=True):
+        if st is None:
             continue
+        root, rel = _split(f.path)
         per_root[root]["/".join(rel) or "."] = [*stat_key(st), f.blobs]
     for root, entries in per_root.items():
         cache = StatCache(repo.id, dests[root]).load()
