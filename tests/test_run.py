@@ -162,8 +162,13 @@ def test_time_limit_stops_the_command_early_enough_for_the_final_snapshot(tmp_pa
     stops = [p for p in progress(prog) if p[0] == "stop"]
     assert stops and stops[0][1] == str(int(signal.SIGTERM))
     newest = _newest(local_vault)
-    assert newest is not None and newest.tags.get("trigger") == "time-limit"
-    assert _step_in(local_vault, newest.id, tmp_path) == int(stops[0][2])
+    assert newest is not None
+    assert _step_in(local_vault, newest.id, tmp_path) == int(stops[0][2])  # the state at the stop is kept
+    if newest.tags.get("trigger") != "time-limit":
+        # An interval pass that fell in the grace took the final state first (passes are
+        # not held then: the earlier it is committed, the better); the final pass says so.
+        assert newest.tags.get("trigger") == "interval", newest.tags
+        assert f"nothing changed since snapshot {newest.short_id}" in err, err
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux only")

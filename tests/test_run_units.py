@@ -199,36 +199,3 @@ def test_keep_from_liferaft_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     (project / "liferaft.toml").write_text("keep = 3\n")
     with pytest.raises(LiferaftError, match="'keep' must be a list"):
         keep_from_config()
-
-
-# ---------------------------------------------------------------- the syncer
-
-
-def test_a_held_syncer_takes_no_interval_pass_but_runs_asked_ones(tmp_path: Path, local_vault: str) -> None:
-    # While a command is stopping, its final checkpoint is being written: the supervisor
-    # holds the syncer so that the final pass, asked for once the command exits, is the
-    # one that takes that state (named for why the run stopped), not an interval pass.
-    from liferaft.keep.syncer import Syncer
-
-    work = make_tree(tmp_path / "work", {"ckpt/state.json": '{"step": 1}'})
-    vault = liferaft.Vault(local_vault)
-    syncer = Syncer(vault, "r", resolve_keeps(["ckpt"], cwd=work), every=0.05, low_priority=False)
-    syncer.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not any(p.trigger == "interval" for p in syncer.history) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert any(p.trigger == "interval" for p in syncer.history), syncer.history
-        syncer.hold()
-        time.sleep(0.1)  # a pass already in flight may finish
-        before = len(syncer.history)
-        (work / "ckpt" / "state.json").write_text('{"step": 2}')
-        time.sleep(0.5)  # ten intervals
-        assert len(syncer.history) == before, [p.trigger for p in syncer.history[before:]]
-        result = syncer.stop("time-limit", timeout=30)
-        assert result is not None and result.committed and result.snapshot is not None
-        assert result.snapshot.tags["trigger"] == "time-limit"
-    finally:
-        syncer.stop(None, timeout=5)
-    newest = vault.snapshots(run="r")[-1]
-    assert newest.tags["trigger"] == "time-limit"

@@ -357,7 +357,6 @@ class Supervisor:
                     stopping = name
                     if running:
                         assert self.proc is not None
-                        self.syncer.hold()  # the final pass, after the command exits, takes its state
                         signal_group(self.proc.pid, signum)
                         kill_at = now + opts.grace
                         self.say(f"{name}: passed on to the command; waiting up to {format_duration(opts.grace)} for it to exit")
@@ -396,7 +395,6 @@ class Supervisor:
             if running and stopping is None and stop_at is not None and deadline is not None and now >= stop_at:
                 stopping = "time-limit"
                 assert self.proc is not None
-                self.syncer.hold()
                 signal_group(self.proc.pid, signal.SIGTERM)
                 kill_at = now + opts.grace
                 self.say(
@@ -428,7 +426,6 @@ class Supervisor:
         assert self.syncer is not None
         t0 = time.monotonic()
         self._finishing = True
-        self.syncer.hold()
         req = self.syncer.request(trigger, stop=True)
         while not req.done.wait(0.1):
             try:

@@ -140,7 +140,6 @@ class Syncer:
         self._requests: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopped = False
-        self._held = False
 
     # ------------------------------------------------------------ control
 
@@ -162,14 +161,6 @@ class Syncer:
             req.done.set()
         return req
 
-    def hold(self) -> None:
-        """Take no more interval passes (a pass in flight finishes; asked-for passes run).
-
-        For a command that is stopping: its final checkpoint is being written, and the
-        final pass, asked for once it exits, is the one that takes it, named for why the
-        run stopped, rather than an interval pass that happens to fall in the grace."""
-        self._held = True
-
     def sync(self, trigger: str = "sync", timeout: float | None = None, **kw: Any) -> PassResult | None:
         """Take a pass now and wait for it; None on timeout."""
         req = self.request(trigger, **kw)
@@ -182,7 +173,6 @@ class Syncer:
         if self._stopped:
             return None
         self._stopped = True
-        self._held = True
         req = self.request(trigger or "", stop=True)
         if not req.done.wait(timeout):
             return None
@@ -203,13 +193,10 @@ class Syncer:
         retries = 0
         while True:
             try:
-                wait = None if self._held else max(0.0, next_at - time.monotonic())
-                req: _Request | None = self._requests.get(timeout=wait)
+                req: _Request | None = self._requests.get(timeout=max(0.0, next_at - time.monotonic()))
             except queue.Empty:
                 req = None
             if req is None:
-                if self._held:
-                    continue  # held while waiting: from now on only asked-for passes
                 started = time.monotonic()
                 result = self._pass("interval")
                 # start to start; a pass longer than the interval is followed after a short pause
