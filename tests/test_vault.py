@@ -356,6 +356,51 @@ def test_restore_refuses_to_replace_a_folder_with_a_file(vault_url: str, tmp_pat
     assert not [p for p in work.rglob(".liferaft-*")]
 
 
+def test_a_folder_this_restore_makes_in_a_files_place_is_refused_before_anything_is_shown(local_vault: str, tmp_path: Path) -> None:
+    # Two saved paths restored to overlapping places: folder "a" holds sub/, and file "b"
+    # is to go to a/sub. Every file's place is checked, even in folders this restore just
+    # made, so it refuses before a single file appears.
+    a = make_tree(tmp_path / "src" / "a", {"sub/x": "1", **{f"f{i:04d}": str(i) for i in range(1200)}})
+    b = tmp_path / "src" / "b"
+    b.write_text("file")
+    vault = liferaft.Vault(local_vault)
+    snap = vault.snapshot([a, b], run="r")
+    out = tmp_path / "out"
+    with pytest.raises(LiferaftError, match="sub is a folder where the snapshot has a file"):
+        vault.restore(snap.id, targets={"a": out / "p", "b": out / "p" / "sub"})
+    assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))[:5]
+
+
+def test_a_rename_that_fails_names_its_target_stops_the_others_and_leaves_no_temp_files(
+    local_vault: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Renames run in threads once everything is verified. One that fails (here EXDEV,
+    # injected: a target folder that became a mount point) stops the rest soon, the error
+    # names the file, not its temp name, and no temp file is left behind.
+    import errno
+
+    from liferaft.vault import restore as restore_mod
+
+    src = make_tree(tmp_path / "d", {f"f{i:05d}": str(i) for i in range(5000)})
+    vault = liferaft.Vault(local_vault)
+    snap = vault.snapshot([src], run="r")
+    real = os.replace
+
+    def replace(a: str, b: str) -> None:
+        if b.endswith("f01500"):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), a, None, b)
+        real(a, b)
+
+    monkeypatch.setattr(restore_mod.os, "replace", replace)
+    out = tmp_path / "out"
+    with pytest.raises(LiferaftError, match=r"restore failed writing .*/f01500: "):
+        vault.restore(snap.id, to=out)
+    shown = sorted(p.name for p in (out / "d").iterdir())
+    assert not [n for n in shown if n.startswith(".liferaft-")], "temp files left"
+    assert "f01500" not in shown and len(shown) < 5000
+    assert len(shown) <= 1500 + 2 * restore_mod._SHOW_BATCH, len(shown)  # the batches in flight, no more
+
+
 def test_default_vault_when_nothing_is_configured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     vault = liferaft.Vault()

@@ -293,11 +293,10 @@ def restore_snapshot(
                 parent = tree.ensure(dests[root], rel[:-1])
                 final = os.path.join(parent, rel[-1])
             try:
-                # A folder this restore made was empty: nothing can be in the way there.
-                st = None if str(parent) in tree.created_names else os.lstat(final)
+                st = os.lstat(final)  # even in a folder this restore made: a folder it made may be in the way
             except FileNotFoundError:
-                st = None
-            if st is not None:
+                pass
+            else:
                 if stat.S_ISDIR(st.st_mode):
                     raise RestoreRefused(f"{final} is a folder where the snapshot has a file", "move it away or restore with --to DIR")
                 if not replace_newer and _newer_work(st, f):
@@ -352,9 +351,8 @@ def restore_snapshot(
                 os.chmod(path, (e.mode & 0o1777) | 0o700)
                 os.utime(path, ns=(e.mtime_ns, e.mtime_ns))
     except OSError as err:
-        raise RestoreRefused(
-            f"restore failed writing {getattr(err, 'filename', '') or 'a file'}: {err.strerror}", "check the target folder and free space"
-        ) from None
+        where = getattr(err, "filename2", None) or getattr(err, "filename", None) or "a file"  # a rename's target, else the file
+        raise RestoreRefused(f"restore failed writing {where}: {err.strerror}", "check the target folder and free space") from None
     finally:
         for tmp in temps.values():
             try:
@@ -377,10 +375,18 @@ def _show(moves: list[tuple[str, str]], want_stat: bool, workers: int) -> list[o
 
     In threads for many files: a rename waits on the file system, not on the GIL."""
 
+    failed = threading.Event()
+
     def batch(part: list[tuple[str, str]]) -> list[os.stat_result | None]:
         out: list[os.stat_result | None] = []
         for tmp, final in part:
-            os.replace(tmp, final)
+            if failed.is_set():
+                break  # another thread's rename failed: stop soon, as one thread would
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                failed.set()
+                raise
             st = None
             if want_stat:
                 try:
