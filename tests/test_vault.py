@@ -295,6 +295,11 @@ def test_secret_names_match_exactly_what_the_shell_patterns_say(parts: list[str]
 
     name = "".join(parts)
     assert is_secret(name) == any(fnmatch.fnmatchcase(name, p) for p in SECRET_PATTERNS)
+
+
+def test_secret_names_by_example() -> None:
+    from liferaft.vault.snapshot import is_secret
+
     for plain in (".netrc", "x.pem", ".env.local", "my.token", "service-account-prod.json", "a-sa-key.json"):
         assert is_secret(plain)
     for other in ("tokens", "x.pem.bak", "kaggle.json\n", "env", "model.pt"):

@@ -61,22 +61,18 @@ _contexts = threading.local()  # zstd contexts are not thread-safe: one set per 
 
 
 def _cctx(level: int) -> zstandard.ZstdCompressor:
-    try:
-        return _contexts.c[level]  # type: ignore[no-any-return]
-    except AttributeError:
-        _contexts.c = {}
-    except KeyError:
-        pass
-    ctx = _contexts.c[level] = zstandard.ZstdCompressor(level=level)
+    per_level: dict[int, zstandard.ZstdCompressor] = _contexts.__dict__.setdefault("c", {})
+    ctx = per_level.get(level)
+    if ctx is None:
+        ctx = per_level[level] = zstandard.ZstdCompressor(level=level)
     return ctx
 
 
 def _dctx() -> zstandard.ZstdDecompressor:
-    try:
-        return _contexts.d  # type: ignore[no-any-return]
-    except AttributeError:
+    ctx: zstandard.ZstdDecompressor | None = getattr(_contexts, "d", None)
+    if ctx is None:
         ctx = _contexts.d = zstandard.ZstdDecompressor()
-        return ctx
+    return ctx
 
 
 def compress(data: bytes | memoryview, level: int = 3) -> bytes:

@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -38,6 +38,7 @@ from .metacache import MetaCache
 
 CONFIG = "config.json"
 _T = TypeVar("_T")
+_A = TypeVar("_A")
 PACK_TARGET = 16 << 20  # restic's default too: few objects, small buffers, cheap retries
 SESSION_REFRESH = 30.0
 STALE_AFTER = 300.0
@@ -278,7 +279,7 @@ class Repository:
             todo = [o for o in listing if o.name.rsplit("/", 1)[-1] not in into]
             vanished.clear()
             bad.clear()
-            self._parallel(load, todo, self.backend.read_concurrency)
+            parallel_map(load, todo, self.backend.read_concurrency)
             if not vanished:
                 break
         return listing, bad
@@ -387,7 +388,7 @@ class Repository:
                 return
             out.append(info_from_manifest(sid, doc))
 
-        self._parallel(load, ids, self.backend.read_concurrency)
+        parallel_map(load, ids, self.backend.read_concurrency)
         out.sort(key=lambda s: (s.time_ns, s.id))
         return out
 
@@ -487,15 +488,21 @@ class Repository:
 
     # ------------------------------------------------------------ helpers
 
-    @staticmethod
-    def _parallel(fn: Callable[[Any], None], items: list[Any], workers: int = 8) -> None:
-        if len(items) <= 1 or workers <= 1:
-            for item in items:
-                fn(item)
-            return
-        with ThreadPoolExecutor(min(workers, len(items))) as pool:
-            for f in [pool.submit(fn, item) for item in items]:
-                f.result()
+
+def parallel_map(fn: Callable[[_A], _T], items: Sequence[_A], workers: int, name: str = "liferaft") -> list[_T]:
+    """``fn`` of each item, results in order: in this thread for one item or one worker,
+    else in up to ``workers`` threads. The first failure cancels the calls not yet
+    started (a damaged pack: the fallback comes sooner) and is raised."""
+    if len(items) <= 1 or workers <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(min(workers, len(items)), thread_name_prefix=name) as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
 
 def lock_holder_gone(doc: dict[str, Any]) -> bool:

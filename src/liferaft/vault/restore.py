@@ -16,7 +16,6 @@ import stat
 import threading
 from collections import defaultdict
 from collections.abc import Collection, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from ..errors import RestoreRefused, VaultCorrupt
 from ..platform import pid_alive, pid_scope
 from ..progress import Progress, SyncedProgress
 from . import format as fmt
-from .repository import Repository, SnapshotInfo
+from .repository import Repository, SnapshotInfo, parallel_map
 from .statcache import StatCache, stat_key
 
 SEGMENT = 8 << 20
@@ -397,10 +396,7 @@ def _show(moves: list[tuple[str, str]], want_stat: bool, workers: int) -> list[o
         return out
 
     parts = [moves[k : k + _SHOW_BATCH] for k in range(0, len(moves), _SHOW_BATCH)]
-    if workers <= 1 or len(parts) <= 1:
-        return [st for part in parts for st in batch(part)]
-    with ThreadPoolExecutor(min(workers, len(parts)), thread_name_prefix="liferaft-restore") as pool:
-        return [st for done in pool.map(batch, parts) for st in done]
+    return [st for done in parallel_map(batch, parts, workers, "liferaft-restore") for st in done]
 
 
 def _fill(
@@ -433,7 +429,8 @@ def _fill(
     lock = threading.Lock()
     local = threading.local()  # one reusable read buffer per worker
 
-    def do_segment(pack_id: str, seg: list[tuple[int, int, int, int, bytes]]) -> None:
+    def do_segment(job: tuple[str, list[tuple[int, int, int, int, bytes]]]) -> None:
+        pack_id, seg = job
         start = seg[0][0]
         end = seg[-1][0] + seg[-1][1]
         buf = getattr(local, "buf", None)
@@ -484,19 +481,7 @@ def _fill(
         if seg:
             work.append((pack_id, seg))
     try:
-        if workers <= 1 or len(work) <= 1:
-            for pack_id, seg in work:
-                do_segment(pack_id, seg)
-        else:
-            with ThreadPoolExecutor(min(workers, len(work)), thread_name_prefix="liferaft-restore") as pool:
-                futures = [pool.submit(do_segment, pack_id, seg) for pack_id, seg in work]
-                try:
-                    for fut in futures:
-                        fut.result()
-                except BaseException:
-                    for fut in futures:  # a damaged pack: stop now, the fallback comes sooner
-                        fut.cancel()
-                    raise
+        parallel_map(do_segment, work, workers, "liferaft-restore")
     finally:
         progress.finish()
 
