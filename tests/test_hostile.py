@@ -292,6 +292,12 @@ RAW_TREES = {
     "link-without-target": b'{"p":"r","t":"d","m":493,"n":0}\n{"p":"r/l","t":"l","m":511,"n":0}\n',
     "link-empty-target": b'{"p":"r","t":"d","m":493,"n":0}\n{"p":"r/l","t":"l","m":511,"n":0,"l":""}\n',
     "link-nul-target": b'{"p":"r","t":"d","m":493,"n":0}\n{"p":"r/l","t":"l","m":511,"n":0,"l":"a\\u0000b"}\n',
+    # A lone surrogate that is no escaped byte, an escaped ASCII byte ("/"), and escaped
+    # bytes that spell a UTF-8 name (a second spelling of r/\u00e9, listed beside it).
+    "lone-surrogate": b'{"p":"r","t":"d","m":493,"n":0}\n{"p":"r/\\ud800","t":"d","m":493,"n":0}\n',
+    "escaped-slash": b'{"p":"r","t":"d","m":493,"n":0}\n{"p":"r/a\\udc2f..","t":"d","m":493,"n":0}\n',
+    "second-spelling": b'{"p":"r","t":"d","m":493,"n":0}\n{"p":"r/\\u00e9","t":"d","m":493,"n":0}\n{"p":"r/\\udcc3\\udca9","t":"d","m":493,"n":0}\n',
+    "link-target-lone-surrogate": b'{"p":"r","t":"d","m":493,"n":0}\n{"p":"r/l","t":"l","m":511,"n":0,"l":"\\udfff"}\n',
     "nan-mtime": b'{"p":"r","t":"d","m":493,"n":NaN}\n',
     "deep-nesting": b'{"p":"r","t":"d","m":493,"n":0,"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
 }

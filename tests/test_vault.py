@@ -308,6 +308,44 @@ def test_secret_names_by_example() -> None:
     assert is_secret("x.key", ["*.key"]) and not is_secret("x.pem", ["*.key"])
 
 
+def _bytes_state(root: bytes) -> dict[bytes, tuple]:
+    """Like tree_state, by the names' own bytes."""
+    out: dict[bytes, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            rel = os.path.relpath(p, root)
+            if os.path.islink(p):
+                out[rel] = ("link", os.readlink(p))
+            elif os.path.isdir(p):
+                out[rel] = ("dir",)
+            else:
+                with open(p, "rb") as f:
+                    out[rel] = ("file", f.read(), os.stat(p).st_mtime_ns)
+    return out
+
+
+@pytest.mark.skipif(os.name != "posix" or sys.platform == "darwin", reason="file names are bytes only on Linux and the BSDs")
+def test_file_names_that_are_not_utf8_round_trip_byte_for_byte(vault_url: str, tmp_path: Path) -> None:
+    # Latin-1 names from an old archive, a Windows share, a badly unpacked zip: one such
+    # name used to fail every snapshot (so a whole `liferaft run` went unprotected).
+    root = os.fsencode(tmp_path) + b"/caf\xe9"  # the root folder's own name too
+    os.makedirs(root + b"/d\xff\xfe")
+    for name, data in ((b"/latin1-\xe9.txt", b"one"), (b"/d\xff\xfe/f", b"two"), (b"/ok-\xc3\xa9-\xe9", b"three")):
+        with open(root + name, "wb") as f:
+            f.write(data)
+    os.symlink(b"d\xff\xfe/f", root + b"/link-\xfa")
+    before = _bytes_state(root)
+    vault = liferaft.Vault(vault_url)
+    snap = vault.snapshot([os.fsdecode(root)], run="r")
+    assert snap.stats["files"] == 3
+    again = vault.snapshot([os.fsdecode(root)], run="r")
+    assert again.unchanged or again.stats["files_read"] == 0  # the stat cache keeps such names too
+    vault.restore(run="r", to=tmp_path / "back")
+    back = os.fsencode(tmp_path) + b"/back/caf\xe9"
+    assert _bytes_state(back) == before
+
+
 def test_vault_inside_snapshotted_folder_is_skipped(tmp_path: Path) -> None:
     work = make_tree(tmp_path / "work", {"a": "1"})
     vault = liferaft.Vault(work / ".vault")

@@ -232,7 +232,10 @@ def parse_pack_header(tail: bytes, pack_size: int) -> list[PackEntry]:
 
 
 def encode_doc(obj: Any, compressed: bool = True) -> bytes:
-    raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    try:
+        raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    except UnicodeEncodeError:  # a name that is not UTF-8 (see fs_name): escaped, all ASCII
+        raw = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
     return compress(raw, 3) if compressed else raw
 
 
@@ -355,12 +358,34 @@ class Entry:
         return d
 
 
+def fs_name(name: str, what: str = "name") -> str:
+    """Check a name read from a vault can be given back to the file system as it was.
+
+    A file name is bytes on POSIX, and not always UTF-8 (a Latin-1 archive, a Windows
+    share): Python reads an undecodable byte as a lone surrogate U+DC80-U+DCFF
+    ("surrogateescape"), and a tree or manifest stores it as a ``\\udcXX`` JSON escape, so
+    the name comes back byte for byte. Any other lone surrogate names no file, and escapes
+    of bytes that do form UTF-8 would be a second spelling of a name (two tree entries for
+    one file): both are refused."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        try:
+            same = name.encode("utf-8", "surrogateescape").decode("utf-8", "surrogateescape") == name
+        except UnicodeEncodeError:
+            same = False
+        if not same:
+            raise VaultCorrupt(f"{what} {name!r:.80} is no file name's bytes") from None
+    return name
+
+
 def check_rel_path(path: Any, what: str = "path") -> str:
     """Refuse anything that could leave the restore target: absolute, ``..``, odd names."""
     if not isinstance(path, str) or not path or len(path) > 4096:
         raise VaultCorrupt(f"{what} is empty or not a string")
     if "\x00" in path or "\\" in path:
         raise VaultCorrupt(f"{what} {path!r:.80} has a NUL or a backslash")
+    fs_name(path, what)
     if path.startswith("/") or (len(path) > 1 and path[1] == ":"):
         raise VaultCorrupt(f"{what} {path!r:.80} is absolute")
     for part in path.split("/"):
@@ -369,15 +394,27 @@ def check_rel_path(path: Any, what: str = "path") -> str:
     return path
 
 
-@functools.lru_cache(maxsize=1)
-def _compact_json() -> json.JSONEncoder:
-    return json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # one for all lines, as above
+@functools.lru_cache(maxsize=2)
+def _compact_json(ascii: bool = False) -> json.JSONEncoder:
+    return json.JSONEncoder(separators=(",", ":"), ensure_ascii=ascii)  # one for all lines, as above
 
 
 def encode_tree(entries: list[Entry]) -> bytes:
     encode = _compact_json().encode
     lines = [encode(e.to_json()) for e in entries]
-    return ("\n".join(lines) + "\n").encode() if lines else b""
+    if not lines:
+        return b""
+    try:
+        return ("\n".join(lines) + "\n").encode()
+    except UnicodeEncodeError:  # names that are not UTF-8 (see fs_name): those lines escaped
+        escape = _compact_json(True).encode
+        out = []
+        for line, e in zip(lines, entries, strict=True):
+            try:
+                out.append(line.encode())
+            except UnicodeEncodeError:
+                out.append(escape(e.to_json()).encode())
+        return b"\n".join(out) + b"\n"
 
 
 def parse_tree(data: bytes) -> list[Entry]:
@@ -421,6 +458,7 @@ def parse_tree(data: bytes) -> list[Entry]:
             entry.target = _str(d.get("l"), f"link target of {path!r}")
             if not entry.target or "\x00" in entry.target:
                 raise VaultCorrupt(f"link {path!r} has an empty target")
+            fs_name(entry.target, f"link target of {path!r}")
         kinds[path] = kind
         entries.append(entry)
     return entries

@@ -31,7 +31,7 @@ def stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
 
 class StatCache:
     def __init__(self, vault_id: str, root: Path, folder: Path | None = None) -> None:
-        key = blake3.blake3(f"{vault_id}\0{root}".encode()).hexdigest()[:32]
+        key = blake3.blake3(f"{vault_id}\0{root}".encode("utf-8", "surrogateescape")).hexdigest()[:32]  # a name may not be UTF-8
         self.path = (folder or cache_dir()) / "statcache" / f"{key}.json"
         self.entries: dict[str, CacheEntry] = {}
 
