@@ -53,20 +53,61 @@ def find_project_config(start: Path | None = None) -> Path | None:
     return None
 
 
+SETTINGS = {"vault": "a URL or a folder, or a [vault] table", "run": "a run name", "keep": "a list of paths"}
+VAULT_TABLE = ("url", "options")
+
+
+def _unknown(path: Path, where: str, key: str, known: list[str]) -> LiferaftError:
+    import difflib
+
+    near = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {near[0]!r}? " if near else ""
+    return LiferaftError(
+        f"{path}: unknown setting {key!r}{where}",
+        f"{hint}known settings: {', '.join(known)} (a misspelt 'vault' would send snapshots to the default vault)",
+    )
+
+
+def _check_settings(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """Refuse what liferaft would otherwise ignore: a misspelt key means a setting the
+    user believes in is not applied (on Colab, snapshots to a vault that dies with the
+    machine)."""
+    for key in settings:
+        if key not in SETTINGS:
+            raise _unknown(path, "", key, list(SETTINGS))
+    vault = settings.get("vault")
+    if isinstance(vault, dict):
+        for key in vault:
+            if key not in VAULT_TABLE:
+                raise _unknown(path, " in [vault]", key, list(VAULT_TABLE))
+        if not isinstance(vault.get("options", {}), dict):
+            raise LiferaftError(f"{path}: [vault.options] must be a table", "write [vault.options] with lines like retry_deadline = 300")
+    run = settings.get("run")
+    if run is not None and (not isinstance(run, str) or not run):
+        raise LiferaftError(f"{path}: 'run' must be a run name", 'write run = "mnist"')
+    return settings
+
+
 def project_settings(start: Path | None = None) -> tuple[Path | None, dict[str, Any]]:
     path = find_project_config(start)
     if path is None:
         return None, {}
-    return path, _load_toml(path)
+    return path, _check_settings(path, _load_toml(path))
 
 
 def resolve_vault(explicit: str | os.PathLike[str] | None = None, cwd: Path | None = None) -> VaultChoice:
     toml = _toml_vault(cwd)
-    if explicit is not None and os.fspath(explicit) != "":
+    if explicit is not None:
         url = os.fspath(explicit)
+        if not url.strip():
+            # `--vault "$VAULT"` with the variable unset: the default vault instead would
+            # be a silent surprise (on Colab it is lost with the machine).
+            raise LiferaftError("the vault URL given is empty", "give a folder or a URL such as gs://bucket/vault, or leave --vault out")
         return VaultChoice(url, "--vault", toml.options if toml and toml.url == url else {})
     env = os.environ.get("LIFERAFT_VAULT")
-    if env:
+    if env is not None:
+        if not env.strip():
+            raise LiferaftError("LIFERAFT_VAULT is set but empty", "set it to a folder or a URL such as gs://bucket/vault, or unset it")
         return VaultChoice(env, "LIFERAFT_VAULT", toml.options if toml and toml.url == env else {})
     if toml is not None:
         return toml
@@ -96,7 +137,7 @@ def default_run_name(cwd: Path | None = None) -> str:
     """A run is named after the working folder unless given: ``~/mnist`` → ``mnist``."""
     _, settings = project_settings(cwd)
     run = settings.get("run")
-    if isinstance(run, str) and run:
-        return run
+    if run:
+        return str(run)
     name = (cwd or Path.cwd()).absolute().name or "default"
     return re.sub(r"[^\w.\-]+", "-", name).strip("-") or "default"
