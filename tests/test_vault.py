@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -308,6 +309,28 @@ def test_secret_names_by_example() -> None:
     assert is_secret("x.key", ["*.key"]) and not is_secret("x.pem", ["*.key"])
 
 
+def test_credentials_in_json_files_are_left_out_whatever_their_name(vault_url: str, tmp_path: Path) -> None:
+    # Keys keep the name the console gave them: my-project-1234-0123abcd.json for a GCP
+    # service account, client_secret_....json or credentials.json for OAuth clients.
+    sa = b'{\n  "type": "service_account",\n  "project_id": "p",\n  "private_key_id": "ab12",\n  "private_key": "-----BEGIN PRIVATE KEY-----\\nMIIE\\n"\n}\n'
+    oauth = b'{"installed":{"client_id":"x.apps.googleusercontent.com","client_secret":"GOCSPX-abc"}}'
+    adc = b'{"client_id": "x", "client_secret": "y", "refresh_token": "1//0g", "type": "authorized_user"}'
+    plain = b'{"model": "bert", "private_key_path": "~/.keys/k.pem", "lr": 0.001}'
+    src = make_tree(tmp_path / "proj", {"my-project-1234-0123abcdef.json": sa, "sub/credentials.json": oauth, "adc-copy.json": adc})
+    (src / "config.json").write_bytes(plain)
+    (src / "notes.txt").write_bytes(b"# " + sa)  # judged by name only: not JSON by its name
+    vault = liferaft.Vault(vault_url)
+    snap = vault.snapshot([src], run="r")
+    assert snap.stats["secrets_excluded"] == 3 and snap.stats["files"] == 2
+    index = vault.repository().index(reload=True)
+    for secret in (sa, oauth, adc):
+        assert fmt.digest(secret) not in index  # not even stored unreferenced
+    vault.restore(run="r", to=tmp_path / "back")
+    assert sorted(p.name for p in (tmp_path / "back" / "proj").rglob("*") if p.is_file()) == ["config.json", "notes.txt"]
+    snap = vault.snapshot([src], run="r", include_secrets=True)
+    assert snap.stats["secrets_excluded"] == 0 and snap.stats["files"] == 5
+
+
 def _bytes_state(root: bytes) -> dict[bytes, tuple]:
     """Like tree_state, by the names' own bytes."""
     out: dict[bytes, tuple] = {}
@@ -340,7 +363,7 @@ def test_file_names_that_are_not_utf8_round_trip_byte_for_byte(vault_url: str, t
     snap = vault.snapshot([os.fsdecode(root)], run="r")
     assert snap.stats["files"] == 3
     again = vault.snapshot([os.fsdecode(root)], run="r")
-    assert again.unchanged or again.stats["files_read"] == 0  # the stat cache keeps such names too
+    assert again.unchanged or again.stats["added_blobs"] == 0  # and dedups like any other
     vault.restore(run="r", to=tmp_path / "back")
     back = os.fsencode(tmp_path) + b"/back/caf\xe9"
     assert _bytes_state(back) == before
@@ -378,6 +401,28 @@ def test_bad_snapshot_arguments_are_refused_before_writing(tmp_path: Path, kwarg
     src = make_tree(tmp_path / "d", {"f": "1"})
     with pytest.raises(LiferaftError, match=needle):
         vault.snapshot([src], **{"run": "r", **kwargs})
+    assert vault.snapshots() == []
+
+
+@pytest.mark.parametrize(
+    ("paths", "needle"),
+    [
+        (["a", "a"], "a is given twice"),
+        (["a", "./a"], "./a is given twice"),
+        (["a", "a/b"], "a/b is inside a, which is snapshotted too"),
+        (["a/b", "a"], "a/b is inside a, which is snapshotted too"),
+        (["/"], "refusing to snapshot / (the whole file system)"),
+    ],
+)
+def test_paths_that_would_store_the_same_files_twice_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, paths: list[str], needle: str
+) -> None:
+    # They used to be stored as roots a and a-2, and restored twice.
+    make_tree(tmp_path / "a", {"b/f": "1"})
+    monkeypatch.chdir(tmp_path)
+    vault = liferaft.Vault(tmp_path / "vault")
+    with pytest.raises(LiferaftError, match=re.escape(needle)):
+        vault.snapshot(paths, run="r")
     assert vault.snapshots() == []
 
 

@@ -63,11 +63,25 @@ def is_secret(name: str, patterns: Sequence[str] = SECRET_PATTERNS) -> bool:
     return bool(patterns) and _secret_matcher(tuple(patterns))(name) is not None
 
 
+# A key downloaded from a cloud console keeps whatever name it was given
+# (my-project-1234-0123abcd.json, credentials.json): JSON files are also judged by what
+# they hold. Service-account keys have "private_key", OAuth client files "client_secret",
+# user credentials (gcloud's ADC, authorized_user) "refresh_token".
+_KEY_FIELDS = (b'"private_key"', b'"client_secret"', b'"refresh_token"')
+
+
+def holds_credentials(data: bytes) -> bool:
+    """Whether a JSON file's bytes hold a credential field."""
+    return data.lstrip()[:1] == b"{" and any(field in data for field in _KEY_FIELDS)
+
+
 @dataclass
 class _Item:
     entry: fmt.Entry
     abspath: str
     st: os.stat_result | None = None
+    sniff: bool = False  # a JSON file: left out if it holds credentials (see holds_credentials)
+    secret: bool = False  # it did
 
 
 @dataclass
@@ -144,7 +158,10 @@ def _walk(root: Path, name: str, result: WalkResult, skip: set[str], include_sec
                 if not include_secrets and is_secret(de.name):
                     result.secrets.append(de.path)
                     continue
-                result.items.append(_Item(fmt.Entry(path, fmt.TYPE_FILE, stat.S_IMODE(mode), est.st_mtime_ns, est.st_size), de.path, est))
+                sniff = not include_secrets and de.name.endswith(".json")
+                result.items.append(
+                    _Item(fmt.Entry(path, fmt.TYPE_FILE, stat.S_IMODE(mode), est.st_mtime_ns, est.st_size), de.path, est, sniff)
+                )
                 result.files += 1
                 result.nbytes += est.st_size
             else:
@@ -196,6 +213,9 @@ class _Reader:
                     # and a 4 KiB file costs a 4 KiB buffer, not a 1 MiB one.
                     data = f.read(opened.st_size + 1)
                     total = len(data)
+                    if item.sniff and holds_credentials(data):
+                        item.secret = True  # before a byte of it is stored
+                        return None
                     if data:
                         blobs.append(self.session.add(data).hex())
                     progress.advance(0, total)
@@ -304,6 +324,22 @@ def _check_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _check_roots(roots: list[Path], given: list[str]) -> None:
+    """Refuse what would store the same files twice (and restore them twice, the second
+    over the first), and the whole file system (/proc, /sys, every other mount)."""
+    for i, (root, arg) in enumerate(zip(roots, given, strict=True)):
+        if root == Path(root.anchor):
+            raise LiferaftError(
+                f"refusing to snapshot {arg} (the whole file system)", "name the folders that matter, e.g. checkpoints runs"
+            )
+        for other, other_arg in zip(roots[:i], given[:i], strict=True):
+            if other == root:
+                raise LiferaftError(f"{arg} is given twice", "name each path once")
+            if other in root.parents or root in other.parents:
+                inner, outer = (arg, other_arg) if other in root.parents else (other_arg, arg)
+                raise LiferaftError(f"{inner} is inside {outer}, which is snapshotted too", f"name {outer} only")
+
+
 def take_snapshot(
     repo: Repository,
     paths: list[str | os.PathLike[str]],
@@ -330,6 +366,7 @@ def take_snapshot(
         raise LiferaftError(f"step must be an integer, got {step!r}", "pass step=N")
 
     roots = [Path(os.path.abspath(os.fspath(p))) for p in paths]
+    _check_roots(roots, [os.fspath(p) for p in paths])
     names = root_names(roots)
     skip = set(skip_paths or ())
     root_dir = getattr(repo.backend, "root", None)
@@ -397,6 +434,9 @@ def take_snapshot(
                 entries.append(entry)
                 continue
             blobs = blobs_of[i]
+            if item.secret:
+                walk.secrets.append(item.abspath)
+                continue
             if blobs is None:
                 changed.append(entry.path)
                 prev = previous_version(entry.path)
