@@ -98,9 +98,11 @@ def test_simulated_enospc(tmp_path: Path) -> None:
     backend = _FullAfter(tmp_path / "vault", budget=3 << 20)
     repo = Repository.open(backend, create=True)
     first = take_snapshot(repo, [work], run="r")
+    packs = sorted((tmp_path / "vault" / "packs").rglob("*"))
     (work / "b.bin").write_bytes(os.urandom(4 << 20))
     with pytest.raises(VaultFull, match="is full"):
         take_snapshot(repo, [work], run="r")
+    assert sorted((tmp_path / "vault" / "packs").rglob("*")) == packs  # the failed one's packs are gone again
     vault = liferaft.Vault(tmp_path / "vault")
     assert [s.id for s in vault.snapshots()] == [first.id]
     assert vault.verify(read_data=True).ok

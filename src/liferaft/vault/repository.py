@@ -943,7 +943,10 @@ class WriteSession:
         self._check()
         if not self._packs:
             return []
-        data = fmt.build_index(self._packs, os.urandom(8).hex())
+        # From the fragment's write on, other writers may learn of these packs (even if
+        # the write reports a failure it may have landed): never discarded by close().
+        packs, self._packs = self._packs, {}
+        data = fmt.build_index(packs, os.urandom(8).hex())
         frag_id = fmt.hexdigest(data)
         try:
             self.backend.put(f"index/{frag_id}", data, overwrite=False)
@@ -951,11 +954,10 @@ class WriteSession:
             pass
         except BackendError as err:
             raise self._convert(err) from None
-        for pid, (_size, entries) in self._packs.items():
+        for pid, (_size, entries) in packs.items():
             for e in entries:
                 self.repo._fragments.setdefault(frag_id, {})[e.blob_id] = (pid, e.codec, e.offset, e.length, e.raw_length)
         self.repo._index = None
-        self._packs = {}
         return [frag_id]
 
     def commit(self, manifest: dict[str, Any]) -> str:
@@ -975,10 +977,24 @@ class WriteSession:
         self._stop.set()
         self._pool.shutdown(wait=True)
         self._sync_pool.shutdown(wait=True)
+        self._discard_unindexed()
         try:
             self.backend.delete(self.lock_name)
         except BackendError:
             pass
+
+    def _discard_unindexed(self) -> None:
+        """Delete the packs of a snapshot that stopped before its index fragment (Ctrl-C,
+        a failed read, a full disk): no manifest references them and no other writer
+        knows them (writers learn of packs from fragments only), so an interrupted
+        snapshot of 30 GiB does not leave 30 GiB for the next prune to find. Best effort:
+        what is left (a kill, a failed delete) is still prune's."""
+        packs, self._packs = list(self._packs), {}
+        for pack_id in packs:
+            try:
+                self.backend.delete(pack_name(pack_id))
+            except BackendError:
+                pass  # never uploaded (ObjectNotFound), or the store refuses now
 
     def __enter__(self) -> WriteSession:
         return self
