@@ -69,3 +69,15 @@ def test_an_empty_vault_url_is_refused_by_the_api(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv("LIFERAFT_VAULT", "")
     with pytest.raises(LiferaftError, match="LIFERAFT_VAULT is set but empty"):
         liferaft.Vault()
+
+
+def test_a_vault_path_that_is_a_file_says_so(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("not a vault")
+    for cmd in (["snapshots"], ["snapshot", str(tmp_path / "afile")], ["verify"]):
+        _refused(
+            cli("--vault", str(tmp_path / "afile"), *cmd),
+            f"{tmp_path / 'afile'} is a file, not a vault folder",
+            "point --vault at a folder",
+        )
+        _refused(cli("--vault", str(tmp_path / "afile" / "v"), *cmd), f"{tmp_path / 'afile'} is a file, so there is no vault folder")
+    assert (tmp_path / "afile").read_text() == "not a vault"

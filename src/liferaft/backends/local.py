@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
-from .base import Backend, BackendError, Capabilities, NoSpace, ObjectExists, ObjectInfo, ObjectNotFound
+from .base import Backend, BackendError, Capabilities, NoSpace, ObjectExists, ObjectInfo, ObjectNotFound, StoreError
 
 TMP_PREFIX = ".tmp-"
 
@@ -242,8 +242,20 @@ class LocalBackend(Backend):
         except FileNotFoundError:
             raise ObjectNotFound(name) from None
         except OSError as err:
+            if err.errno == errno.ENOTDIR:
+                self._refuse_file_in_the_way()
             _raise_os(err, name)
             raise  # unreachable
+
+    def _refuse_file_in_the_way(self) -> None:
+        """The vault folder, or a folder above it, is a file: say which (every command
+        reads the config first, so this is where such a mistake shows)."""
+        for folder in (self.root, *self.root.parents):
+            if folder.exists() and not folder.is_dir():
+                fix = "point --vault at a folder (a new one is made)"
+                if folder == self.root:
+                    raise StoreError(f"{self.root} is a file, not a vault folder", fix)
+                raise StoreError(f"{folder} is a file, so there is no vault folder {self.root}", fix)
 
     def read_into(self, name: str, offset: int, view: memoryview) -> int:
         try:
