@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,7 +97,7 @@ def test_forget_keeps_last_and_prune_frees_space(tmp_path: Path) -> None:
     packs_before = sum(1 for _ in Path(vault, "packs").rglob("*") if _.is_file())
     r = cli("--vault", vault, "forget", "--run", "r", "--keep-last", "2", "--prune")
     assert r.returncode == 0, r.stderr
-    assert "forgot 3 snapshot(s)" in r.stdout
+    assert "forgot 3 snapshots: " in r.stdout
     steps = [s["step"] for s in json.loads(cli("--vault", vault, "snapshots", "--json").stdout)]
     assert steps == [3, 4]
     packs_after = sum(1 for _ in Path(vault, "packs").rglob("*") if _.is_file())
@@ -130,9 +132,46 @@ def test_restore_in_place_keeps_work_newer_than_the_snapshot_unless_forced(tmp_p
 
 
 def test_restore_with_nothing_to_restore_is_not_an_error(tmp_path: Path) -> None:
-    r = cli("--vault", str(tmp_path / "v"), "restore", "--run", "fresh")
-    assert r.returncode == 0
-    assert "nothing to restore" in r.stdout
+    vault = tmp_path / "v"
+    liferaft.Vault(vault).snapshot([make_tree(tmp_path / "w", {"f": "1"})], run="other")
+    r = cli("--vault", str(vault), "restore", "--run", "fresh")
+    assert r.returncode == 0, r.stderr
+    assert "nothing to restore: no snapshot of run 'fresh' (runs in this vault: other; pick one with --run)" in r.stdout
+    # The default vault nobody has written yet is empty, not missing: a first run.
+    r = cli("restore", "--run", "fresh", cwd=tmp_path)
+    assert r.returncode == 0 and "nothing to restore" in r.stdout, r.stderr
+
+
+def test_restore_from_a_vault_that_is_not_there_is_an_error(tmp_path: Path) -> None:
+    # `liferaft restore && python train.py` with a mistyped --vault must not train from scratch.
+    typo = tmp_path / "typo"
+    r = cli("--vault", str(typo), "restore", "--run", "mnist", cwd=tmp_path)
+    _one_line_error(r, f"no vault at {typo}", "check --vault")
+    assert r.returncode == 2 and r.stdout == "" and not typo.exists()
+    r = cli("--vault", str(typo), "restore", "--run", "mnist", "--json", cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == ""
+    # The Python API (what `liferaft run` and attach use) still takes it for a first run.
+    assert liferaft.Vault(typo).restore(run="mnist") is None
+    assert not typo.exists()
+
+
+def test_a_default_vault_not_written_yet_is_empty_for_every_command(tmp_path: Path) -> None:
+    default = Path(os.environ["XDG_DATA_HOME"])  # conftest: a fresh data dir for each test
+    for args in (
+        ["info"],
+        ["snapshots"],
+        ["verify"],
+        ["prune"],
+        ["forget", "--run", "mnist", "--keep-last", "1"],
+        ["forget", "--run", "mnist", "--keep-last", "1", "--prune"],
+    ):
+        r = cli(*args, cwd=tmp_path)
+        assert r.returncode == 0 and r.stderr == "", (args, r.stderr)
+    r = cli("forget", "--run", "mnist", "--keep-last", "1", "--prune", "--json", cwd=tmp_path)
+    assert json.loads(r.stdout)["forgotten"] == []
+    _one_line_error(cli("forget", "--run", "mnist", "--keep-last", "0", cwd=tmp_path), "keep at least 1")
+    _one_line_error(cli("forget", "abcd", cwd=tmp_path), "no snapshot with id 'abcd'", "is empty")
+    assert not list(default.rglob("config.json"))  # none of them created the vault
 
 
 def _one_line_error(r, *needles: str) -> None:
@@ -152,8 +191,18 @@ def _one_line_error(r, *needles: str) -> None:
         (["--vault", "{notavault}", "snapshots"], ["is not a liferaft vault", "empty or new folder"]),
         (["--vault", "{notavault}", "snapshot", "{work}"], ["is not a liferaft vault"]),
         (["--vault", "{vault}", "snapshot", "{tmp}/nope"], ["does not exist"]),
-        (["--vault", "{vault}", "snapshot", "{work}", "--tag", "novalue"], ["is not KEY=VALUE"]),
+        (["--vault", "{vault}", "snapshot", "{work}", "--tag", "novalue"], ["--tag 'novalue' is not KEY=VALUE", "write --tag lr=3e-4"]),
         (["--vault", "{vault}", "snapshot", "{work}", "--metric", "loss=low"], ["not a number"]),
+        (
+            ["--vault", "{vault}", "snapshot", "{work}", "--metric", "val_loss"],
+            ["--metric 'val_loss' is not KEY=VALUE", "write --metric val_loss=0.31"],
+        ),
+        (
+            ["--vault", "{vault}", "snapshot", "{work}", "--metric", "x=nan"],
+            ["--metric x='nan' is not a finite number", "write --metric val_loss=0.31"],
+        ),
+        (["--vault", "{vault}", "snapshot", "{work}", "--metric", "x=-inf"], ["--metric x='-inf' is not a finite number"]),
+        (["--vault", "{vault}", "forget", "{vault_id3}"], ["too short"]),
         (["--vault", "{vault}", "restore", "deadbeef"], ["no snapshot with id 'deadbeef'"]),
         (["--vault", "{vault}", "restore", "ab"], ["too short"]),
         (["--vault", "{vault}", "forget", "--run", "r", "--keep-last", "0"], ["keep at least 1"]),
@@ -166,6 +215,7 @@ def test_mistakes_get_one_clear_line(tmp_path: Path, args: list[str], needles: l
     liferaft.Vault(vault).snapshot([work], run="r")
     notavault = make_tree(tmp_path / "photos", {"cat.jpg": "meow"})
     fill = {"missing": str(tmp_path / "missing"), "notavault": str(notavault), "work": str(work), "vault": str(vault), "tmp": str(tmp_path)}
+    fill["vault_id3"] = liferaft.Vault(vault).snapshots()[0].id[:3]  # a prefix find() refuses: nothing may be deleted by it
     argv = [a.format(**fill) for a in args]
     r = cli(*argv)
     _one_line_error(r, *needles)
@@ -272,3 +322,151 @@ def test_missing_cloud_extra_names_the_pip_command(tmp_path: Path) -> None:
     code = "import sys; sys.modules['gcsfs'] = None; sys.argv = ['liferaft', *sys.argv[1:]]; from liferaft.cli import run; run()"
     r = subprocess.run([sys.executable, "-c", code, "--vault", "gs://bucket/x", "snapshots"], capture_output=True, text=True, timeout=120)
     _one_line_error(r, "gs:// vaults need the gcsfs package", "pip install 'liferaft[gcs]'")
+
+
+# ---------------------------------------------------------------- a vault that cannot be written
+
+
+@pytest.fixture(params=["locks-is-a-file", "read-only-mount"])
+def unwritable_vault(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """A vault with two snapshots whose writes really fail (chmod does not stop root)."""
+    vault = tmp_path / "vault"
+    work = make_tree(tmp_path / "w", {"f": "1"})
+    liferaft.Vault(vault).snapshot([work], run="r")
+    (work / "g").write_text("2")
+    liferaft.Vault(vault).snapshot([work], run="r")
+    if request.param == "locks-is-a-file":
+        shutil.rmtree(vault / "locks", ignore_errors=True)
+        (vault / "locks").write_text("not a folder")
+        return vault
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if not shutil.which("mount"):
+        pytest.skip("no mount command here")
+    bind = subprocess.run(["mount", "--bind", str(vault), str(ro)], capture_output=True, text=True)
+    if bind.returncode != 0:
+        pytest.skip(f"a read-only bind mount needs root and CAP_SYS_ADMIN: {bind.stderr.strip()}")
+    request.addfinalizer(lambda: subprocess.run(["umount", str(ro)], check=True))
+    remount = subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], capture_output=True, text=True)
+    if remount.returncode != 0:
+        pytest.skip(f"cannot make the bind mount read-only: {remount.stderr.strip()}")
+    return ro
+
+
+def test_a_vault_that_cannot_be_written_gets_one_line_for_every_write(unwritable_vault: Path, tmp_path: Path) -> None:
+    url = str(unwritable_vault)
+    before = [s["id"] for s in json.loads(cli("--vault", url, "snapshots", "--json").stdout)]
+    assert len(before) == 2
+    for args, doing in (
+        (["prune"], "pruning"),
+        (["forget", "--run", "r", "--keep-last", "2", "--prune"], "pruning"),
+        (["snapshot", str(tmp_path / "w"), "--run", "r"], "writing a snapshot"),
+    ):
+        r = cli("--vault", url, *args)
+        _one_line_error(r, f"the vault at {url} failed while {doing}: ", "locks", "committed snapshots are intact")
+        assert r.returncode == 2, (args, r.stderr)
+    # Nothing lost: the snapshots are all there and restore reads them.
+    assert [s["id"] for s in json.loads(cli("--vault", url, "snapshots", "--json").stdout)] == before
+    r = cli("--vault", url, "restore", "--run", "r", "--to", str(tmp_path / "back"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "back" / "w" / "g").read_text() == "2"
+
+
+# ---------------------------------------------------------------- listing
+
+
+def test_snapshots_piped_are_never_cut_or_wrapped(tmp_path: Path) -> None:
+    vault = liferaft.Vault(tmp_path / "vault")
+    run = "liferaft-demo-with-a-rather-long-run-name"
+    snap = vault.snapshot(
+        [make_tree(tmp_path / "w", {"f": "1"})],
+        run=run,
+        step=1200,
+        tags={"trigger": "interval", "host-kind": "colab"},
+        metrics={"val_loss": 0.31},
+    )
+    r = cli("--vault", vault.url, "snapshots", env={"COLUMNS": "80"})  # stdout is a pipe
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if snap.short_id in line]
+    assert len(rows) == 1, r.stdout
+    taken = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.time))
+    for whole in (run, taken, "val_loss=0.31", "trigger=interval", "host-kind=colab", "1200"):
+        assert whole in rows[0], (whole, r.stdout)
+    assert "…" not in r.stdout
+
+
+def test_snapshots_warns_about_manifests_it_cannot_read(tmp_path: Path) -> None:
+    vault = liferaft.Vault(tmp_path / "vault")
+    work = make_tree(tmp_path / "w", {"f": "1"})
+    good = vault.snapshot([work], run="r", step=1)
+    (work / "f").write_text("2")
+    bad = vault.snapshot([work], run="r", step=2)
+    (tmp_path / "vault" / "snapshots" / f"{bad.id}.json").write_text("garbage\n")
+    r = cli("--vault", vault.url, "snapshots")
+    assert r.returncode == 0 and good.short_id in r.stdout and bad.short_id not in r.stdout, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("warning: 1 snapshot manifest could not be read") and bad.short_id in lines[0], lines[0]
+    assert "liferaft verify" in lines[0]
+    r = cli("--vault", vault.url, "snapshots", "--json")
+    assert r.returncode == 0 and [s["id"] for s in json.loads(r.stdout)] == [good.id]  # stdout stays JSON
+    assert bad.short_id in r.stderr
+
+
+# ---------------------------------------------------------------- run names, forget, wording
+
+
+@pytest.mark.parametrize("name", ["x\ny", "red\x1b[31mtext", "tab\there", "cr\rhere", "del\x7f", "bidi\u202eevil", "line\u2028sep"])
+def test_run_names_with_control_characters_are_refused(tmp_path: Path, name: str) -> None:
+    work = make_tree(tmp_path / "w", {"f": "1"})
+    fresh = tmp_path / "fresh"
+    _one_line_error(cli("--vault", str(fresh), "snapshot", str(work), "--run", name), "control character", "--run mnist")
+    assert not fresh.exists()  # refused before the vault was made
+    vault = tmp_path / "vault"
+    liferaft.Vault(vault).snapshot([work], run="r")
+    for args in (["snapshots", "--run", name], ["restore", "--run", name], ["forget", "--run", name, "--keep-last", "1"]):
+        r = cli("--vault", str(vault), *args)
+        _one_line_error(r, "control character")
+        assert r.returncode == 2
+    with pytest.raises(liferaft.LiferaftError, match="control character"):
+        liferaft.Vault(vault).snapshot([work], run=name)
+    with pytest.raises(liferaft.LiferaftError, match="control character"):
+        liferaft.Vault(vault).snapshots(run=name)
+    with pytest.raises(liferaft.LiferaftError, match="control character"):
+        liferaft.Vault(vault).restore(run=name, to=tmp_path / "back")
+    assert len(liferaft.Vault(vault).snapshots()) == 1 and not (tmp_path / "back").exists()
+
+
+def test_printable_unicode_run_names_are_welcome(tmp_path: Path) -> None:
+    name = "mnist 日本語 ✓ lr=3e-4"
+    r = cli("--vault", str(tmp_path / "v"), "snapshot", str(make_tree(tmp_path / "w", {"f": "1"})), "--run", name)
+    assert r.returncode == 0, r.stderr
+    assert liferaft.Vault(tmp_path / "v").snapshots(run=name)[0].run == name
+
+
+def test_forget_counts_a_snapshot_named_twice_once(tmp_path: Path) -> None:
+    vault = liferaft.Vault(tmp_path / "vault")
+    work = make_tree(tmp_path / "w", {"f": "1"})
+    snap = vault.snapshot([work], run="r")
+    (work / "f").write_text("2")
+    kept = vault.snapshot([work], run="r")
+    r = cli("--vault", vault.url, "forget", snap.id, snap.id[:8], snap.short_id)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"forgot 1 snapshot: {snap.short_id}"
+    assert [s.id for s in vault.snapshots()] == [kept.id]
+
+
+def test_messages_count_in_words(tmp_path: Path) -> None:
+    vault = str(tmp_path / "vault")
+    work = make_tree(tmp_path / "w", {"f": "1"})
+    r = cli("--vault", vault, "snapshot", str(work), "--run", "r")
+    assert r.returncode == 0 and ": 1 file, " in r.stdout, r.stdout
+    r = cli("--vault", vault, "restore", "--run", "r", "--to", str(tmp_path / "back"))
+    assert r.returncode == 0 and "(run 'r'): 1 file, " in r.stdout, r.stdout
+    assert "None" not in r.stdout
+    r = cli("--vault", vault, "verify")
+    assert r.returncode == 0 and r.stdout.startswith("ok: 1 snapshot, 1 pack, "), r.stdout
+    r = cli("--vault", vault, "info")
+    assert ": 1 snapshot, 1 pack, " in r.stdout, r.stdout
+    r = cli("--vault", vault, "forget", "--run", "r", "--keep-last", "1", "--prune")
+    assert r.returncode == 0 and r.stdout.startswith("forgot 0 snapshots\npruned 0 packs, "), r.stdout

@@ -100,3 +100,86 @@ def test_scripts_stay_silent_by_default(tmp_path: Path) -> None:
     code = f"import liferaft; liferaft.Vault({str(tmp_path / 'v')!r}).snapshot([{str(src)!r}], run='s')"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout == "" and r.stderr == "", r
+
+
+HIDE, SHOW = "\x1b[?25l", "\x1b[?25h"
+
+
+class _CtrlC(RichProgress):
+    """A bar whose work is interrupted, as by Ctrl-C, once it is on screen."""
+
+    def advance(self, files: int = 0, nbytes: int = 0) -> None:
+        super().advance(files, nbytes)
+        if self._bar is not None:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_snapshot_stops_its_bar(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "d", {"big": os.urandom(4 << 20)})
+    buf = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):
+        liferaft.Vault(tmp_path / "vault").snapshot([src], run="r", progress=_CtrlC(min_bytes=1 << 20, console=_console(buf)))
+    out = buf.getvalue()
+    assert HIDE in out and out.rindex(SHOW) > out.rindex(HIDE), repr(out[-300:])  # the cursor is back
+
+
+def test_progress_as_a_context_manager_is_finished_on_any_exit() -> None:
+    buf = io.StringIO()
+    with pytest.raises(KeyboardInterrupt), RichProgress(min_bytes=1, console=_console(buf)) as progress:
+        progress.start("snapshot", 1, 100)
+        raise KeyboardInterrupt
+    out = buf.getvalue()
+    assert HIDE in out and out.rindex(SHOW) > out.rindex(HIDE), repr(out)
+    progress.finish()  # again: nothing happens
+    progress.advance(1, 10)  # a reader thread reporting late: ignored
+
+
+def test_ctrl_c_during_snapshot_in_a_terminal_leaves_a_clean_terminal(tmp_path: Path) -> None:
+    pty = pytest.importorskip("pty")
+    import select
+    import signal
+
+    work = tmp_path / "w"
+    work.mkdir()
+    with open(work / "big.bin", "wb") as f:
+        f.truncate(64 << 30)  # sparse: takes minutes to read, no disk space
+    master, slave = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "100", "LINES": "30"}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "liferaft", "--vault", str(tmp_path / "v"), "snapshot", str(work), "--run", "r"],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+        start_new_session=True,
+    )
+    os.close(slave)
+    out = b""
+    interrupted = False
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(master, 1 << 16)
+                except OSError:  # EIO: the command is gone
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            if not interrupted and HIDE.encode() in out and b"snapshot" in out:
+                time.sleep(0.3)
+                os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends
+                interrupted = True
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    assert interrupted, out[-500:]
+    text = out.decode(errors="replace").replace("\r", "")
+    assert text.rindex(SHOW) > text.rindex(HIDE), repr(text[-300:])  # the cursor is shown again
+    assert "\naborted\n" in text, repr(text[-300:])  # on a line of its own, not glued to the bar
+    assert "Traceback" not in text

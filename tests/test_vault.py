@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 import liferaft
 from conftest import make_tree, tree_state
 from liferaft.errors import LiferaftError
+from liferaft.keep.units import plural
 from liferaft.vault import format as fmt
 
 
@@ -649,7 +650,7 @@ def test_rerun_after_a_killed_restore_leaves_no_temp_files(tmp_path: Path) -> No
     assert left, "no restore was killed while it had temp files"
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert f"removed {len(left)} temp file(s) an interrupted restore had left" in out.stdout
+    assert f"removed {plural(len(left), 'temp file')} an interrupted restore had left" in out.stdout
     assert not list(target.rglob(".liferaft-*"))
     assert tree_state(target / "src") == tree_state(src)
 

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import unicodedata
 import warnings
-from collections.abc import Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from .backends import open_backend
+from .backends import BackendError, ObjectNotFound, open_backend
 from .config import VaultChoice, default_run_name, resolve_vault
-from .errors import SnapshotNotFound, VaultCorrupt, VaultNotFound
+from .errors import LiferaftError, SnapshotNotFound, VaultCorrupt, VaultNotFound
 from .progress import Progress, auto_progress
-from .vault.repository import Repository, SnapshotInfo
+from .vault.format import RUN_MAX
+from .vault.repository import Repository, SnapshotInfo, _wrap_backend_errors
 
 if TYPE_CHECKING:
     from .vault.format import Entry
@@ -44,6 +47,52 @@ CHECKPOINT_TAG = ("liferaft.kind", "checkpoint")
 def is_checkpoint(snap: SnapshotInfo) -> bool:
     """Whether a snapshot is a Checkpointer's ``step-N`` (its retention is the Checkpointer's)."""
     return snap.tags.get(CHECKPOINT_TAG[0]) == CHECKPOINT_TAG[1]
+
+
+# Besides C0/C1 controls and line breaks: the bidi overrides and isolates, which make a
+# name read differently from what it is.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def check_run_name(run: str) -> str:
+    """Refuse a run name the vault would refuse, or one that breaks a listing (a newline, ESC).
+
+    >>> check_run_name("mnist")
+    'mnist'
+    """
+    if not isinstance(run, str) or not run or len(run) > RUN_MAX:
+        raise LiferaftError(f"bad run name {str(run)[:40]!r}", f"use 1 to {RUN_MAX} characters, e.g. --run mnist")
+    bad = next((c for c in run if unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in _BIDI_CONTROLS), None)
+    if bad is not None:
+        raise LiferaftError(f"run name {run[:40]!r} holds the control character {bad!r}", "use printable characters, e.g. --run mnist")
+    return run
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _store_errors(what: str) -> Callable[[_F], _F]:
+    """A store failure the layers below did not turn into one line (a lock that cannot be
+    written on a read-only vault) becomes the LiferaftError the rest of the API raises."""
+
+    def wrap(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def inner(self: Vault, *args: Any, **kw: Any) -> Any:
+            try:
+                return fn(self, *args, **kw)
+            except BackendError as err:
+                if isinstance(err, LiferaftError):
+                    raise
+                raise _wrap_backend_errors(what, self.url)(err) from err
+
+        return cast(_F, inner)
+
+    return wrap
+
+
+def _label(snap: SnapshotInfo) -> str:
+    """``run 'mnist', step 1200``; no step when it has none."""
+    return f"run {snap.run!r}" + (f", step {snap.step}" if snap.step is not None else "")
 
 
 class Vault:
@@ -88,6 +137,7 @@ class Vault:
 
     # ------------------------------------------------------------ API
 
+    @_store_errors("writing a snapshot")
     def snapshot(
         self,
         paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
@@ -114,32 +164,46 @@ class Vault:
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         repo = self.repository(create=True)
+        run = check_run_name(run if run is not None else default_run_name())
         from .vault.snapshot import take_snapshot
 
-        return take_snapshot(
-            repo,
-            list(paths),
-            run=run if run is not None else default_run_name(),
-            step=step,
-            tags=tags,
-            metrics=metrics,
-            progress=progress if progress is not None else auto_progress(),
-            include_secrets=include_secrets,
-            skip_unchanged=skip_unchanged,
-            use_cache=use_cache,
-        )
+        progress = progress if progress is not None else auto_progress()
+        try:
+            return take_snapshot(
+                repo,
+                list(paths),
+                run=run,
+                step=step,
+                tags=tags,
+                metrics=metrics,
+                progress=progress,
+                include_secrets=include_secrets,
+                skip_unchanged=skip_unchanged,
+                use_cache=use_cache,
+            )
+        finally:
+            progress.finish()  # on any exit, Ctrl-C included: no live bar left on screen
 
-    def snapshots(self, run: str | None = None, *, missing_ok: bool = False) -> list[SnapshotInfo]:
+    @_store_errors("listing snapshots")
+    def snapshots(self, run: str | None = None, *, missing_ok: bool = False, damaged: list[str] | None = None) -> list[SnapshotInfo]:
         """Committed snapshots, oldest first (of one run when ``run`` is given).
 
-        ``missing_ok`` treats a vault nobody has written yet as empty.
+        ``missing_ok`` treats a vault nobody has written yet as empty. Manifests that
+        cannot be read are left out; ``damaged``, a list, gets a line for each
+        (``snapshot 3f2a91c04b7e: ...``).
+
+        >>> damaged = []
+        >>> [s.step for s in vault.snapshots(run="mnist", damaged=damaged)]  # doctest: +SKIP
         """
+        if run is not None:
+            check_run_name(run)
         repo = self._readable(missing_ok=missing_ok)
         if repo is None:
             return []
-        snaps = repo.snapshots()
+        snaps = repo.snapshots(damaged=damaged)
         return [s for s in snaps if run is None or s.run == run]
 
+    @_store_errors("restoring")
     def restore(
         self,
         snapshot: str | None = None,
@@ -151,6 +215,7 @@ class Vault:
         progress: Progress | None = None,
         use_cache: bool = True,
         replace_newer: bool = True,
+        missing_ok: bool = True,
     ) -> RestoreResult | None:
         """Restore a snapshot (by id) or the newest one of ``run`` that verifies.
 
@@ -163,13 +228,18 @@ class Vault:
         through the Checkpointer). ``replace_newer=False`` refuses (``RestoreRefused``,
         nothing written) when a file in the way differs from the snapshot's version and
         was modified after it, as ``liferaft restore`` does without ``--force``.
+        A vault not created yet counts as empty (a first run); ``missing_ok=False``
+        raises ``VaultNotFound`` instead, as ``liferaft restore`` does, since there a
+        missing vault is a mistyped ``--vault`` (the default vault still counts as empty).
 
         >>> vault.restore(run="mnist", to="/content/work")    # doctest: +SKIP
         """
         from .vault.restore import restore_snapshot
 
+        if snapshot is None:
+            run = check_run_name(run or default_run_name())
         progress = progress if progress is not None else auto_progress()
-        repo = self._readable(missing_ok=snapshot is None)
+        repo = self._readable(missing_ok=snapshot is None and missing_ok)
         if repo is None:
             if snapshot is not None:
                 raise SnapshotNotFound(f"no snapshot {snapshot!r}: the vault at {self.url} is empty")
@@ -182,14 +252,14 @@ class Vault:
 
         if snapshot is not None:
             return restore(repo.find(snapshot))
-        run = run or default_run_name()
+        assert run is not None
         candidates = [s for s in repo.snapshots() if s.run == run and not is_checkpoint(s)]
         fallbacks: list[str] = []
         for snap in reversed(candidates):
             try:
                 result = restore(snap)
             except VaultCorrupt as err:
-                msg = f"snapshot {snap.short_id} (run {snap.run}, step {snap.step}) failed verification: {err}"
+                msg = f"snapshot {snap.short_id} ({_label(snap)}) failed verification: {err}"
                 warnings.warn(msg + "; using the one before", stacklevel=2)
                 fallbacks.append(msg)
                 continue
@@ -211,6 +281,7 @@ class Vault:
         snap = snapshot if isinstance(snapshot, SnapshotInfo) else repo.find(snapshot)
         return repo.read_tree(snap)
 
+    @_store_errors("verifying")
     def verify(self, *, read_data: bool = False) -> VerifyReport:
         """Check the vault; ``read_data`` also reads and hashes every stored byte."""
         from .vault import maintenance
@@ -220,6 +291,7 @@ class Vault:
             return maintenance.VerifyReport()
         return maintenance.verify(repo, read_data=read_data)
 
+    @_store_errors("forgetting snapshots")
     def forget(self, *, run: str, keep_last: int, prune: bool = False) -> tuple[list[SnapshotInfo], PruneReport | None]:
         """Forget all but the newest ``keep_last`` snapshots of ``run``.
 
@@ -228,33 +300,61 @@ class Vault:
         """
         from .vault import maintenance
 
-        repo = self.repository()
+        check_run_name(run)
+        repo = self._readable()
+        if repo is None:  # the default vault, not written yet: nothing to forget
+            maintenance.select_forget([], run, keep_last)  # a bad keep_last is still refused
+            return [], maintenance.PruneReport() if prune else None
         snaps = [s for s in repo.snapshots() if not is_checkpoint(s)]  # a Checkpointer keeps its own
         doomed = maintenance.select_forget(snaps, run, keep_last, healthy=lambda s: maintenance.quick_check(repo, s))
         repo.forget([s.id for s in doomed])
-        report = maintenance.prune(repo) if prune else None
+        report = self.prune() if prune else None  # its failures named as pruning
         return doomed, report
 
+    @_store_errors("forgetting snapshots")
     def forget_ids(self, ids: Sequence[str]) -> list[SnapshotInfo]:
-        """Forget snapshots by id (or unique prefix), damaged ones included."""
-        repo = self.repository()
-        found = []
+        """Forget snapshots by id (or unique prefix), damaged ones included.
+
+        Every id is looked up before anything is deleted; a snapshot named twice is
+        forgotten (and returned) once.
+        """
+        repo = self._readable()
+        if repo is None:
+            if ids:
+                raise SnapshotNotFound(f"no snapshot with id {ids[0]!r}: the vault at {self.url} is empty")
+            return []
+        found: dict[str, SnapshotInfo] = {}
+        damaged: set[str] = set()
         for ref in ids:
             try:
-                found.append(repo.find(ref))
+                snap = repo.find(ref)
             except SnapshotNotFound:
-                damaged = [o.name for o in repo._list("snapshots/") if o.name.split("/")[-1].startswith(ref.lower())]
-                if len(damaged) != 1:
+                # A manifest too damaged to list, by its file name; never by a prefix too
+                # short for find(), which could name a healthy one.
+                prefix = ref.strip().lower()
+                names = [o.name for o in repo._list("snapshots/") if o.name.split("/")[-1].startswith(prefix)] if len(prefix) >= 4 else []
+                if len(names) != 1:
                     raise
-                repo.backend.delete(damaged[0])
-        repo.forget([s.id for s in found])
-        return found
+                damaged.add(names[0])
+                continue
+            found.setdefault(snap.id, snap)
+        for name in sorted(damaged):
+            try:
+                repo.backend.delete(name)
+            except ObjectNotFound:
+                pass  # forgotten meanwhile
+        repo.forget(list(found))
+        return list(found.values())
 
+    @_store_errors("pruning")
     def prune(self, *, wait: float = 30.0) -> PruneReport:
         """Delete stored data that no snapshot needs (never what a running writer uses)."""
         from .vault import maintenance
 
-        return maintenance.prune(self.repository(), wait=wait)
+        repo = self._readable()
+        if repo is None:  # the default vault, not written yet: nothing to prune
+            return maintenance.PruneReport()
+        return maintenance.prune(repo, wait=wait)
 
     def flush(self, *, unmount: bool = False) -> bool:
         """Push written data toward the store; True when it is known to be durable there.
@@ -270,6 +370,7 @@ class Vault:
             return True
         return bool(flush(unmount=unmount))
 
+    @_store_errors("reading it")
     def stats(self) -> dict[str, Any]:
         repo = self._readable()
         if repo is None:

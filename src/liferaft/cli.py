@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -14,6 +16,7 @@ import click
 
 from ._version import __version__
 from .errors import LiferaftError
+from .keep.units import plural
 
 
 class Ctx:
@@ -88,6 +91,11 @@ def _shown(value: object) -> str:
     return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(value))
 
 
+def _snapshot_label(snap: Any) -> str:
+    """``run 'mnist', step 1200``; no step when the snapshot has none."""
+    return f"run {snap.run!r}" + (f", step {snap.step}" if snap.step is not None else "")
+
+
 def _size(n: float) -> str:
     if isinstance(n, bool) or not isinstance(n, (int, float)):
         return "?"
@@ -98,19 +106,42 @@ def _size(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def _parse_tags(tags: tuple[str, ...]) -> dict[str, str]:
+def _parse_pairs(values: tuple[str, ...], option: str, example: str) -> dict[str, str]:
+    """``--tag K=V`` / ``--metric K=V`` values; a malformed one names its option and an example."""
     out = {}
-    for t in tags:
+    for t in values:
         key, sep, value = t.partition("=")
         if not sep or not key:
-            raise LiferaftError(f"tag {t!r} is not KEY=VALUE", "write --tag lr=3e-4")
+            raise LiferaftError(f"{option} {t!r} is not KEY=VALUE", f"write {option} {example}")
         out[key] = value
     return out
 
 
+def _parse_metrics(values: tuple[str, ...]) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for k, v in _parse_pairs(values, "--metric", "val_loss=0.31").items():
+        try:
+            number = float(v)
+        except ValueError:
+            raise LiferaftError(f"--metric {k}={v!r} is not a number", "write --metric val_loss=0.31") from None
+        if not math.isfinite(number):
+            raise LiferaftError(f"--metric {k}={v!r} is not a finite number", "write --metric val_loss=0.31")
+        metrics[k] = number
+    return metrics
+
+
+def _run_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--run``: refused before any work when the vault would refuse it or it would garble a listing."""
+    if value is None:
+        return None
+    from .api import check_run_name
+
+    return check_run_name(value)
+
+
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--run", help="Run name (default: the working folder's name).")
+@click.option("--run", callback=_run_option, help="Run name (default: the working folder's name).")
 @click.option("--step", type=int, help="Training step this snapshot holds.")
 @click.option("--tag", "tags", multiple=True, metavar="K=V", help="Tag (repeatable).")
 @click.option("--metric", "metric_args", multiple=True, metavar="K=V", help="Numeric metric (repeatable).")
@@ -126,17 +157,14 @@ def snapshot(
     include_secrets: bool,
 ) -> None:
     """Snapshot PATHS into the vault, atomically."""
-    metrics: dict[str, float] = {}
-    for k, v in _parse_tags(metric_args).items():
-        try:
-            metrics[k] = float(v)
-        except ValueError:
-            raise LiferaftError(f"metric {k}={v!r} is not a number", "write --metric val_loss=0.31") from None
+    metrics = _parse_metrics(metric_args)
+    tag_values = _parse_pairs(tags, "--tag", "lr=3e-4")
     vault = ctx.vault()
     t0 = time.monotonic()
-    snap = vault.snapshot(
-        list(paths), run=run, step=step, tags=_parse_tags(tags), metrics=metrics, progress=ctx.progress(), include_secrets=include_secrets
-    )
+    with ctx.progress() as progress:  # stopped on any exit, Ctrl-C included: cursor shown, own line
+        snap = vault.snapshot(
+            list(paths), run=run, step=step, tags=tag_values, metrics=metrics, progress=progress, include_secrets=include_secrets
+        )
     if ctx.json:
         ctx.data(snap.to_json())
         return
@@ -144,25 +172,40 @@ def snapshot(
     ctx.say(
         f"snapshot {snap.short_id} of run {snap.run!r}"
         + (f" step {snap.step}" if snap.step is not None else "")
-        + f": {s.get('files', 0)} files, {_size(s.get('bytes', 0))}; added {_size(s.get('stored_bytes', 0))}"
+        + f": {plural(s.get('files', 0), 'file')}, {_size(s.get('bytes', 0))}; added {_size(s.get('stored_bytes', 0))}"
         + f" in {time.monotonic() - t0:.1f}s → {vault.url}"
     )
     if s.get("changed_during_read"):
         ctx.say(
-            f"note: {len(s['changed_during_read'])} file(s) changed while read; their previous version is kept, the next snapshot takes them"
+            f"note: {plural(len(s['changed_during_read']), 'file')} changed while read; their previous version is kept, the next snapshot takes them"
         )
     if s.get("secrets_excluded"):
-        ctx.say(f"note: {s['secrets_excluded']} credential file(s) left out (use --include-secrets to take them)")
+        ctx.say(f"note: {plural(s['secrets_excluded'], 'credential file')} left out (use --include-secrets to take them)")
     if s.get("skipped"):
-        ctx.say(f"note: {len(s['skipped'])} path(s) skipped, e.g. {s['skipped'][0]}")
+        ctx.say(f"note: {plural(len(s['skipped']), 'path')} skipped, e.g. {s['skipped'][0]}")
+
+
+def _warn_damaged(damaged: list[str]) -> None:
+    """One line on stderr for the manifests a listing had to leave out."""
+    if not damaged:
+        return
+    ids = [m.group(1) if (m := re.match(r"snapshot ([0-9a-f]+)", d)) else "?" for d in damaged]
+    shown = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+    click.echo(
+        f"warning: {plural(len(ids), 'snapshot manifest')} could not be read ({shown}) and {'is' if len(ids) == 1 else 'are'} not listed;"
+        " run `liferaft verify` to see the damage",
+        err=True,
+    )
 
 
 @main.command()
-@click.option("--run", help="Only this run.")
+@click.option("--run", callback=_run_option, help="Only this run.")
 @common(data=True)
 def snapshots(ctx: Ctx, run: str | None) -> None:
     """List snapshots, newest last."""
-    snaps = ctx.vault().snapshots(run=run)
+    damaged: list[str] = []
+    snaps = ctx.vault().snapshots(run=run, damaged=damaged)
+    _warn_damaged(damaged)
     if ctx.json:
         ctx.data([s.to_json() for s in snaps])
         return
@@ -173,9 +216,11 @@ def snapshots(ctx: Ctx, run: str | None) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    # Not a terminal (a pipe, a file): rows are never cut or wrapped, so that grep finds them.
+    wide = not sys.stdout.isatty()
     table = Table(box=None, pad_edge=False)
     for col in ("id", "run", "step", "time", "host", "files", "size", "metrics / tags"):
-        table.add_column(col, justify="right" if col in ("step", "files", "size") else "left")
+        table.add_column(col, justify="right" if col in ("step", "files", "size") else "left", no_wrap=wide)
     for s in snaps:
         extra = " ".join([f"{k}={v:g}" for k, v in s.metrics.items()] + [f"{k}={v}" for k, v in s.tags.items()])
         cells = [
@@ -190,12 +235,12 @@ def snapshots(ctx: Ctx, run: str | None) -> None:
         ]
         table.add_row(*(Text(_shown(c)) for c in cells))  # Text: no rich markup from the vault
     if not ctx.quiet:
-        Console().print(table)
+        Console(width=1 << 20 if wide else None).print(table)
 
 
 @main.command()
 @click.argument("snapshot_id", required=False, metavar="[ID]")
-@click.option("--run", help="Newest valid snapshot of this run (default: the working folder's name).")
+@click.option("--run", callback=_run_option, help="Newest valid snapshot of this run (default: the working folder's name).")
 @click.option("--to", "to", type=click.Path(), help="Restore into this folder (each saved path as DIR/NAME) instead of in place.")
 @click.option("--force", is_flag=True, help="Replace files newer than the snapshot's version of them (refused without it).")
 @common(data=True)
@@ -204,9 +249,12 @@ def restore(ctx: Ctx, snapshot_id: str | None, run: str | None, to: str | None, 
     import warnings
 
     vault = ctx.vault()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), ctx.progress() as progress:
         warnings.simplefilter("ignore")
-        result = vault.restore(snapshot_id, run=run, to=to, progress=ctx.progress(), replace_newer=force)
+        # missing_ok=False: a vault that is not there is a mistyped --vault, not a first run
+        # (`restore && python train.py` must not train from scratch); the default vault,
+        # not written yet, is an empty vault.
+        result = vault.restore(snapshot_id, run=run, to=to, progress=progress, replace_newer=force, missing_ok=False)
     if result is None:
         from .config import default_run_name
 
@@ -220,14 +268,14 @@ def restore(ctx: Ctx, snapshot_id: str | None, run: str | None, to: str | None, 
         if ctx.json:
             ctx.data({"restored": None, "run": name, "runs": runs})
             return
-        hint = f" (runs in this vault: {', '.join(runs)}; pick one with --run)" if runs else ""
+        hint = f" (runs in this vault: {', '.join(_shown(r) for r in runs)}; pick one with --run)" if runs else ""
         ctx.say(f"nothing to restore: no snapshot of run {name!r}{hint}")
         return
     for msg in result.fallbacks:
         click.echo(f"warning: {msg}; used the one before", err=True)
     if result.skipped_links:
         click.echo(
-            f"warning: {len(result.skipped_links)} link(s) pointing outside the snapshot were not created, e.g. {_shown(result.skipped_links[0])}",
+            f"warning: {plural(len(result.skipped_links), 'link')} pointing outside the snapshot {'was' if len(result.skipped_links) == 1 else 'were'} not created, e.g. {_shown(result.skipped_links[0])}",
             err=True,
         )
     if ctx.json:
@@ -245,10 +293,10 @@ def restore(ctx: Ctx, snapshot_id: str | None, run: str | None, to: str | None, 
         return
     where = ", ".join(str(p) for p in result.destinations.values())
     ctx.say(
-        f"restored snapshot {result.snapshot.short_id} (run {result.snapshot.run!r}, step {result.snapshot.step}): {result.files} files, {_size(result.nbytes)} → {where}"
+        f"restored snapshot {result.snapshot.short_id} ({_snapshot_label(result.snapshot)}): {plural(result.files, 'file')}, {_size(result.nbytes)} → {where}"
     )
     if result.stale_temps_removed:
-        ctx.say(f"removed {result.stale_temps_removed} temp file(s) an interrupted restore had left there")
+        ctx.say(f"removed {plural(result.stale_temps_removed, 'temp file')} an interrupted restore had left there")
 
 
 @main.command()
@@ -265,15 +313,15 @@ def verify(ctx: Ctx, read_data: bool) -> None:
         for d in report.damage:
             click.echo(f"damaged: {d}", err=True)
         what = "all data read and hashed" if read_data else "structure checked (add --read-data to hash every byte)"
-        status = "ok" if report.ok else f"{len(report.damage)} problem(s)"
-        ctx.say(f"{status}: {report.snapshots} snapshots, {report.packs} packs, {report.blobs} blobs; {what}")
+        status = "ok" if report.ok else plural(len(report.damage), "problem")
+        ctx.say(f"{status}: {plural(report.snapshots, 'snapshot')}, {plural(report.packs, 'pack')}, {plural(report.blobs, 'blob')}; {what}")
     if not report.ok:
         sys.exit(1)
 
 
 @main.command()
 @click.argument("ids", nargs=-1, metavar="[ID]...")
-@click.option("--run", help="Run whose old snapshots to forget.")
+@click.option("--run", callback=_run_option, help="Run whose old snapshots to forget.")
 @click.option("--keep-last", type=int, help="Keep this many newest snapshots of the run.")
 @click.option("--prune", "do_prune", is_flag=True, help="Then delete data no snapshot needs.")
 @common(data=True)
@@ -292,15 +340,17 @@ def forget(ctx: Ctx, ids: tuple[str, ...], run: str | None, keep_last: int | Non
     if ctx.json:
         ctx.data({"forgotten": [s.to_json() for s in gone], "prune": report.to_json() if report else None})
         return
-    ctx.say(f"forgot {len(gone)} snapshot(s)" + (": " + ", ".join(s.short_id for s in gone) if gone else ""))
+    ctx.say(f"forgot {plural(len(gone), 'snapshot')}" + (": " + ", ".join(s.short_id for s in gone) if gone else ""))
     if report:
         _say_prune(ctx, report)
 
 
 def _say_prune(ctx: Ctx, report: Any) -> None:
-    ctx.say(f"pruned {report.packs_deleted} pack(s), {_size(report.bytes_deleted)} freed; {report.packs_repacked} repacked")
+    ctx.say(f"pruned {plural(report.packs_deleted, 'pack')}, {_size(report.bytes_deleted)} freed; {report.packs_repacked} repacked")
     if report.waiting_on:
-        ctx.say(f"note: {report.kept_for_writers} pack(s) kept while writers run ({', '.join(report.waiting_on)}); prune again later")
+        ctx.say(
+            f"note: {plural(report.kept_for_writers, 'pack')} kept while writers run ({', '.join(report.waiting_on)}); prune again later"
+        )
 
 
 @main.command()
@@ -326,7 +376,7 @@ def info(ctx: Ctx) -> None:
         ctx.data(stats)
     else:
         ctx.say(
-            f"vault {stats['url']} (from {stats['source']}): {stats['snapshots']} snapshots, {stats['packs']} packs, {_size(stats['bytes'])}"
+            f"vault {stats['url']} (from {stats['source']}): {plural(stats['snapshots'], 'snapshot')}, {plural(stats['packs'], 'pack')}, {_size(stats['bytes'])}"
         )
 
 

@@ -5,11 +5,19 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from types import TracebackType
 from typing import Any
 
 
 class Progress:
-    """Silent progress: the interface the vault reports to."""
+    """Silent progress: the interface the vault reports to.
+
+    As a context manager it is finished on the way out, an exception (Ctrl-C included)
+    or not, so that a live display never stays on screen with the cursor hidden.
+
+    >>> with RichProgress() as progress:                     # doctest: +SKIP
+    ...     vault.snapshot(["checkpoints"], progress=progress)
+    """
 
     def start(self, what: str, files: int, nbytes: int) -> None:
         """A phase begins with known totals."""
@@ -18,7 +26,13 @@ class Progress:
         """Some work is done."""
 
     def finish(self) -> None:
-        """The phase is over."""
+        """The phase is over (calling it again does nothing)."""
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
+        self.finish()
 
 
 class SyncedProgress(Progress):
@@ -81,14 +95,16 @@ class RichProgress(Progress):
         self._task = self._bar.add_task(what, total=max(nbytes, 1), files=f"0/{files}")
 
     def advance(self, files: int = 0, nbytes: int = 0) -> None:
-        if self._bar is not None:
+        bar = self._bar  # once: a reader thread may still report after finish()
+        if bar is not None:
             self._files += files
-            self._bar.update(self._task, advance=nbytes, files=f"{self._files}/{self._files_total}")
+            bar.update(self._task, advance=nbytes, files=f"{self._files}/{self._files_total}")
 
     def finish(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
+        """Stop the bar: it is erased, the cursor shown again, the next output on a line of its own."""
+        bar, self._bar = self._bar, None
+        if bar is not None:
+            bar.stop()
 
 
 class TextProgress(Progress):
