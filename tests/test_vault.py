@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -403,6 +404,29 @@ def test_bad_snapshot_arguments_are_refused_before_writing(tmp_path: Path, kwarg
     with pytest.raises(LiferaftError, match=needle):
         vault.snapshot([src], **{"run": "r", **kwargs})
     assert vault.snapshots() == []
+
+
+@pytest.mark.skipif(os.name != "posix" or sys.platform == "darwin", reason="file names are bytes only on Linux and the BSDs")
+def test_the_cli_shows_names_that_are_not_utf8_without_crashing(tmp_path: Path) -> None:
+    from conftest import cli
+
+    root = os.fsencode(tmp_path) + b"/run-\xe9"
+    os.makedirs(root + b"/sub")
+    with open(root + b"/sub/fifo-\xfa.bin", "wb") as f:
+        f.write(b"x")
+    os.mkfifo(root + b"/sub/pipe-\xfb")  # skipped, with a note naming it
+    vault = str(tmp_path / "vault")
+    strict = {"PYTHONIOENCODING": "utf-8:strict", "PYTHONUTF8": "0"}  # a terminal that refuses what is not UTF-8
+    r = cli("--vault", vault, "snapshot", os.fsdecode(root), "--run", "r", env=strict)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "pipe-\\udcfb" in r.stdout
+    r = cli("--vault", vault, "--json", "snapshots", env=strict)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)[0]["paths"] == ["run-\udce9"]  # the escape reads back as the name
+    r = cli("--vault", vault, "restore", "--run", "r", "--to", str(tmp_path / "back"), env=strict)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    with open(os.fsencode(tmp_path) + b"/back/run-\xe9/sub/fifo-\xfa.bin", "rb") as f:
+        assert f.read() == b"x"
 
 
 @pytest.mark.parametrize(

@@ -396,6 +396,11 @@ main.add_command(run_command)
 
 def run() -> None:
     """Entry point: user mistakes get one line and a non-zero exit, never a traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        # A file name that is not UTF-8 (kept byte for byte) must not crash a message or
+        # --json output: it is shown as \udcXX, which JSON reads back as the same name.
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         rv = main(standalone_mode=False)
         sys.exit(rv if isinstance(rv, int) else 0)
