@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import unicodedata
 import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -13,7 +12,7 @@ from .backends import BackendError, ObjectNotFound, open_backend
 from .config import VaultChoice, default_run_name, resolve_vault
 from .errors import LiferaftError, SnapshotNotFound, VaultCorrupt, VaultNotFound
 from .progress import Progress, auto_progress
-from .vault.format import RUN_MAX
+from .vault.format import check_run_name
 from .vault.repository import Repository, SnapshotInfo, _wrap_backend_errors
 
 if TYPE_CHECKING:
@@ -47,25 +46,6 @@ CHECKPOINT_TAG = ("liferaft.kind", "checkpoint")
 def is_checkpoint(snap: SnapshotInfo) -> bool:
     """Whether a snapshot is a Checkpointer's ``step-N`` (its retention is the Checkpointer's)."""
     return snap.tags.get(CHECKPOINT_TAG[0]) == CHECKPOINT_TAG[1]
-
-
-# Besides C0/C1 controls and line breaks: the bidi overrides and isolates, which make a
-# name read differently from what it is.
-_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-
-
-def check_run_name(run: str) -> str:
-    """Refuse a run name the vault would refuse, or one that breaks a listing (a newline, ESC).
-
-    >>> check_run_name("mnist")
-    'mnist'
-    """
-    if not isinstance(run, str) or not run or len(run) > RUN_MAX:
-        raise LiferaftError(f"bad run name {str(run)[:40]!r}", f"use 1 to {RUN_MAX} characters, e.g. --run mnist")
-    bad = next((c for c in run if unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in _BIDI_CONTROLS), None)
-    if bad is not None:
-        raise LiferaftError(f"run name {run[:40]!r} holds the control character {bad!r}", "use printable characters, e.g. --run mnist")
-    return run
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -163,8 +143,8 @@ class Vault:
         """
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
+        run = check_run_name(run if run is not None else default_run_name())  # before a vault is made
         repo = self.repository(create=True)
-        run = check_run_name(run if run is not None else default_run_name())
         from .vault.snapshot import take_snapshot
 
         progress = progress if progress is not None else auto_progress()

@@ -13,13 +13,14 @@ import math
 import re
 import struct
 import threading
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
 import blake3
 import zstandard
 
-from ..errors import VaultCorrupt
+from ..errors import LiferaftError, VaultCorrupt
 
 FORMAT_VERSION = 1
 HASH_LEN = 32  # BLAKE3 digest bytes
@@ -488,6 +489,24 @@ def link_escapes(path: str, target: str) -> bool:
 # ---------------------------------------------------------------- manifests
 
 RUN_MAX = 200
+
+# Besides C0/C1 controls and line breaks: the bidi overrides and isolates, which make a
+# name read differently from what it is.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def check_run_name(run: str) -> str:
+    """Refuse a run name the vault would refuse, or one that breaks a listing (a newline, ESC).
+
+    >>> check_run_name("mnist")
+    'mnist'
+    """
+    if not isinstance(run, str) or not run or len(run) > RUN_MAX:
+        raise LiferaftError(f"bad run name {str(run)[:40]!r}", f"use 1 to {RUN_MAX} characters, e.g. --run mnist")
+    bad = next((c for c in run if unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in _BIDI_CONTROLS), None)
+    if bad is not None:
+        raise LiferaftError(f"run name {run[:40]!r} holds the control character {bad!r}", "use printable characters, e.g. --run mnist")
+    return run
 
 
 def parse_manifest(data: bytes, snapshot_id: str | None = None) -> dict[str, Any]:

@@ -358,8 +358,7 @@ def take_snapshot(
     progress = progress or Progress()
     if not paths:
         raise LiferaftError("nothing to snapshot", "name at least one file or folder")
-    if not run or len(run) > fmt.RUN_MAX or "\x00" in run:
-        raise LiferaftError(f"bad run name {run!r}", f"use 1 to {fmt.RUN_MAX} characters")
+    fmt.check_run_name(run)
     clean_tags = {str(k): str(v) for k, v in (tags or {}).items()}
     clean_metrics = _check_metrics(metrics or {})
     if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
