@@ -133,6 +133,55 @@ def test_tensors_and_plain_values_need_no_pickle(tmp_path: Path) -> None:
         make_ck(tmp_path, vault=False, allow_pickle=False).restore()
 
 
+def test_allow_pickle_false_refuses_at_save_and_writes_nothing(tmp_path: Path) -> None:
+    # A checkpoint that allow_pickle=False could never restore must not be written at all.
+    ck = make_ck(tmp_path, allow_pickle=False)
+    ck.save(1, {"w": torch.ones(3), "cfg": {"layers": [1, 2]}})
+    ck.wait()
+
+    def files() -> set[str]:
+        return {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")}
+
+    before = files()
+    state = {"w": torch.full((3,), 2.0), "s": {1, 2}, "opt": {"pairs": {(1, 2): "x"}, "lr": 0.1}}
+    with pytest.raises(LiferaftError) as info:
+        ck.save(2, state)
+    line = str(info.value)
+    assert "need pickle (s (set), opt/pairs (dict))" in line and "allow_pickle=False" in line, line
+    assert "nothing was saved" in line and "allow_pickle=True" in line and "\n" not in line, line
+    ck.wait()  # no background job was started: nothing to fail
+    assert files() == before  # no step-2, no temp folder, no pack or manifest in the vault
+    assert ck_steps(ck.vault) == [1]
+    r = make_ck(tmp_path, allow_pickle=False).restore()
+    assert r is not None and r.step == 1 and torch.equal(r.state["w"], torch.ones(3))
+    ck.save(3, {"w": torch.full((3,), 3.0), "s": [1, 2]})  # the fix the error names: plain values
+    ck.wait()
+    assert ck_steps(ck.vault) == [1, 3] and PICKLE not in os.listdir(tmp_path / "checkpoints" / "step-3")
+
+
+def test_torch_adapter_state_needs_no_pickle(tmp_path: Path) -> None:
+    # The adapters save through Checkpointer.save, so allow_pickle=False refuses there too;
+    # what TorchCheckpoint itself adds (RNG states, sampler, generator) must never need it.
+    from liferaft.checkpoint.pytorch import TorchCheckpoint
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    sched.step()
+    objects = {"model": model, "optimizer": opt, "scheduler": sched, "sampler": ResumableSampler(10), "gen": torch.Generator()}
+    ck = make_ck(tmp_path, allow_pickle=False)
+    TorchCheckpoint(ck, **objects).save(1, extra={"epoch": 1})
+    ck.wait()
+    assert PICKLE not in os.listdir(tmp_path / "checkpoints" / "step-1")
+    r = TorchCheckpoint(make_ck(tmp_path, allow_pickle=False), **objects).resume()
+    assert r is not None and r.step == 1 and r.state["extra"] == {"epoch": 1}
+    with pytest.raises(LiferaftError, match=r"need pickle \(extra/seen \(set\)\)"):
+        TorchCheckpoint(ck, **objects).save(2, extra={"seen": {1, 2}})
+    assert ck_steps(ck.vault) == [1]
+
+
 def test_save_copies_the_state_before_returning(tmp_path: Path) -> None:
     ck = make_ck(tmp_path)
     w = torch.zeros(1000)

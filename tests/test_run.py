@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -390,6 +392,75 @@ def test_unreachable_vault_fails_before_the_command_starts_unless_offline_ok(tmp
     assert (work / "started").exists()
     assert "running without it (--offline-ok)" in r.stderr and "the final snapshot failed" in r.stderr
     no_traceback(r.stderr)
+
+
+def _read_only_mount(folder: Path) -> list[str]:
+    """An argv prefix that runs a command with ``folder`` bind-mounted read-only over itself.
+
+    A real read-only file system (EROFS), as root too (where chmod stops nothing), in a
+    private mount namespace of that command alone: nothing is left mounted afterwards. As
+    root ``unshare -m``; otherwise ``unshare -rm`` (an unprivileged user namespace).
+    """
+    unshare, mount = shutil.which("unshare"), shutil.which("mount")
+    if not sys.platform.startswith("linux") or unshare is None or mount is None:
+        pytest.skip("a read-only bind mount needs Linux with unshare and mount (util-linux)")
+    flags = "-m" if os.geteuid() == 0 else "-rm"
+    script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
+    prefix = [unshare, flags, "--propagation", "private", "sh", "-c", script, "sh", str(folder)]
+    probe = subprocess.run(
+        [*prefix, sys.executable, "-c", f"open({str(folder / 'probe')!r}, 'w')"], capture_output=True, text=True, timeout=60
+    )
+    if "Read-only file system" not in probe.stderr:
+        pytest.skip(f"cannot make a read-only bind mount here (needs root or user namespaces): {probe.stderr.strip()[-200:]}")
+    return prefix
+
+
+def test_read_only_vault_fails_before_the_command_starts_unless_offline_ok(tmp_path: Path, local_vault: str) -> None:
+    work = tmp_path / "work"
+    (work / "ckpt").mkdir(parents=True)
+    (work / "ckpt" / "state.json").write_text('{"step": 3}')
+    liferaft.Vault(local_vault).snapshot([work / "ckpt"], run="work")
+    shutil.rmtree(work / "ckpt")  # a fresh machine: the vault has the state
+    read_only = _read_only_mount(Path(local_vault))
+    marker = "import pathlib; pathlib.Path('started').write_text(pathlib.Path('ckpt/state.json').read_text())"
+    base = [*read_only, sys.executable, "-m", "liferaft", "--vault", local_vault, "run", "--run", "work", "--keep", "ckpt"]
+    r = subprocess.run([*base, "--", "python", "-c", marker], cwd=work, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    line = _one_error_line(r.stderr)
+    assert f"the vault at {local_vault} can be read but not written (Read-only file system)" in line, line
+    assert "the command was not started" in line and "read-write mount" in line and "--offline-ok" in line, line
+    assert not (work / "started").exists() and not (work / "ckpt").exists()
+    # --offline-ok: warned, restored (it can be read), started; the command's status is kept
+    # though its final snapshot (ckpt changed) cannot be written
+    change = marker + "; pathlib.Path('ckpt/state.json').write_text('{\"step\": 4}')"
+    r = subprocess.run([*base, "--offline-ok", "--", "python", "-c", change], cwd=work, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    no_traceback(r.stderr)
+    assert "can be read but not written (Read-only file system); running without saving (--offline-ok)" in r.stderr, r.stderr
+    assert (work / "started").read_text() == '{"step": 3}'  # restored before the start
+    assert "the final snapshot failed" in r.stderr, r.stderr
+    assert [s.step for s in liferaft.Vault(local_vault).snapshots(run="work")] == [None]  # nothing written
+
+
+def test_vault_that_refuses_writes_fails_before_the_command_starts(tmp_path: Path, local_vault: str) -> None:
+    # Portable (any OS, as root too): the vault's locks/ is a file, so a snapshot's first
+    # write fails with a real OSError although every read works.
+    work = tmp_path / "work"
+    work.mkdir()
+    marker = "import pathlib; pathlib.Path('started').write_text('x')"
+    r = cli("--vault", local_vault, "run", "--keep", "started", "--", "python", "-c", marker, cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(Path(local_vault) / "locks") == []  # the start's probe lock is gone
+    (work / "started").unlink()
+    (Path(local_vault) / "locks").rmdir()
+    (Path(local_vault) / "locks").write_text("not a folder")
+    before = sorted(p.relative_to(local_vault).as_posix() for p in Path(local_vault).rglob("*"))
+    r = cli("--vault", local_vault, "run", "--keep", "started", "--", "python", "-c", marker, cwd=work)
+    assert r.returncode == 2, r.stderr
+    line = _one_error_line(r.stderr)
+    assert "can be read but not written" in line and "the command was not started" in line and "--offline-ok" in line, line
+    assert not (work / "started").exists()
+    assert sorted(p.relative_to(local_vault).as_posix() for p in Path(local_vault).rglob("*")) == before
 
 
 @pytest.mark.skipif(os.path.exists("/content/drive"), reason="a real Drive mount point exists here")

@@ -159,8 +159,9 @@ class Checkpointer:
         finishes the job). False leaves it to ``liferaft prune``.
     allow_pickle
         Objects other than arrays, tensors and plain values are pickled into
-        ``other.pkl``. Restore unpickles them only from your own folder and vault; False
-        refuses.
+        ``other.pkl``. Restore unpickles them only from your own folder and vault. False
+        refuses them: ``save`` raises (naming them) before anything is written, and
+        ``restore`` will not load a checkpoint that holds them.
 
     Examples
     --------
@@ -259,9 +260,10 @@ class Checkpointer:
         """Save ``state`` as checkpoint ``step``: copy it to host memory now, write and commit it in the background.
 
         ``state`` is a dict (or list, tuple) of torch tensors, numpy arrays, plain values
-        and, as a pickled fallback, other objects. Returns once the copy is taken: the
-        caller may go on changing the tensors. Waits first while ``max_pending`` saves are
-        in flight, and raises if an earlier background save failed.
+        and, as a pickled fallback, other objects (refused with ``allow_pickle=False``).
+        Returns once the copy is taken: the caller may go on changing the tensors. Waits
+        first while ``max_pending`` saves are in flight, and raises if an earlier
+        background save failed.
 
         >>> ck.save(step, {"model": model.state_dict(), "opt": opt.state_dict()},
         ...         metrics={"val_loss": 0.31})                            # doctest: +SKIP
@@ -272,7 +274,7 @@ class Checkpointer:
         self._throttle(self.max_pending - 1)
         pool = self._take_pool()
         try:
-            staged = stage(state, pool)
+            staged = stage(state, pool, allow_pickle=self.allow_pickle)
         except BaseException:
             self._give_pool(pool)
             raise

@@ -8,7 +8,8 @@ A state is a tree of dicts, lists and tuples. Its parts go to three places:
 - the checkpoint manifest (JSON): the tree's shape and its plain values (None, bool,
   int, float, str).
 - ``other.pkl``: everything else, pickled. This is the fallback, named as such; it is
-  loaded only from the user's own folder or vault, and never with ``allow_pickle=False``.
+  loaded only from the user's own folder or vault. With ``allow_pickle=False`` it is
+  neither written (:func:`stage` refuses the state) nor loaded.
 
 Saving happens in two halves. :func:`stage` runs in the caller's thread and only copies
 the state into host memory (reusing the buffers of the previous save, because fresh
@@ -151,8 +152,9 @@ def _numpy_plain(np: Any, obj: Any) -> bool:
 
 
 class _Stager:
-    def __init__(self, pool: StagingPool) -> None:
+    def __init__(self, pool: StagingPool, *, allow_pickle: bool = True) -> None:
         self.pool = pool
+        self.allow_pickle = allow_pickle
         self.torch = sys.modules.get("torch")
         self.np = sys.modules.get("numpy")
         self.arrays: list[StagedArray] = []
@@ -169,10 +171,17 @@ class _Stager:
         self.names.add(name)
         return name
 
+    @property
+    def refusing(self) -> bool:
+        """The save will be refused (it needs pickle and may not use it): copy nothing more."""
+        return not self.allow_pickle and bool(self.other_paths)
+
     def tensor(self, obj: Any, path: tuple[Any, ...]) -> dict[str, Any]:
         torch = self.torch
         assert torch is not None
         name = self.name_for(path)
+        if self.refusing:
+            return {"$tensor": name}
         dtype = str(obj.dtype).removeprefix("torch.")
         shape = tuple(obj.shape)
         pinned = obj.device.type == "cuda"
@@ -194,6 +203,8 @@ class _Stager:
         np = self.np
         assert np is not None
         name = self.name_for(path)
+        if self.refusing:
+            return {"$array": name}
         dtype = obj.dtype.newbyteorder("<")  # safetensors is little-endian; copyto swaps if needed
         shape = tuple(obj.shape)
         buf = self.pool.take(name, ("numpy", dtype.str, shape), lambda: np.empty(shape, dtype=dtype))
@@ -226,16 +237,30 @@ class _Stager:
         if t is tuple:
             return {"$tuple": [self.encode(v, (*path, i)) for i, v in enumerate(obj)]}
         self.others.append(obj)
-        self.other_paths.append("/".join(str(p) for p in path) or "state")
+        where = "/".join(str(p) for p in path) or "state"
+        self.other_paths.append(where if self.allow_pickle else f"{where} ({type(obj).__name__})")
         return {"$pickle": len(self.others) - 1}
 
 
-def stage(state: Any, pool: StagingPool) -> Staged:
-    """Copy ``state`` into host memory (buffers from ``pool``); the caller may change it afterwards."""
-    stager = _Stager(pool)
+def stage(state: Any, pool: StagingPool, *, allow_pickle: bool = True) -> Staged:
+    """Copy ``state`` into host memory (buffers from ``pool``); the caller may change it afterwards.
+
+    With ``allow_pickle=False`` a state that holds anything but arrays, tensors and plain
+    values is refused here, before anything is written: its checkpoint could never be
+    restored with that setting.
+    """
+    stager = _Stager(pool, allow_pickle=allow_pickle)
     layout = stager.encode(state, ())
     if stager.cuda_used:
         stager.torch.cuda.synchronize()  # type: ignore[union-attr]
+    if stager.refusing:
+        paths = stager.other_paths
+        more = f" and {len(paths) - 5} more" if len(paths) > 5 else ""
+        raise LiferaftError(
+            f"the state holds objects that need pickle ({', '.join(paths[:5])}{more}) and allow_pickle=False; nothing was saved",
+            "convert them to tensors, numpy arrays or plain values (dict with str/int keys, list, tuple, str, number, bool, None), "
+            "e.g. a set to a sorted list, or pass allow_pickle=True if the folder and vault are your own",
+        )
     pickled = None
     if stager.others:
         try:

@@ -26,7 +26,7 @@ from ..errors import LiferaftError
 )
 @click.option("--grace", default="20", show_default=True, metavar="SECONDS", help="Time the command gets after SIGTERM.")
 @click.option("--force", is_flag=True, help="Restore the snapshot even over local files that differ from it.")
-@click.option("--offline-ok", is_flag=True, help="Start even when the vault cannot be reached (snapshots are retried).")
+@click.option("--offline-ok", is_flag=True, help="Start even when the vault cannot be reached or written (snapshots are retried).")
 @click.option("-v", "--verbose", is_flag=True, help="Report every snapshot, not only the first.")
 @click.option("--vault", "vault_url", metavar="URL", help="Vault folder or URL (else LIFERAFT_VAULT, liferaft.toml, the default).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but warnings and errors.")
@@ -53,8 +53,10 @@ def run_command(
     Kept paths missing here are restored from the run's newest snapshot first (local work
     newer than the snapshot is never overwritten). On SIGTERM, SIGINT, SIGHUP or SIGUSR1
     the signal is passed on, the command gets --grace seconds, a final snapshot is taken,
-    and liferaft exits with the command's status. The command sees LIFERAFT_RUN,
-    LIFERAFT_RESUMED (1 or 0), LIFERAFT_SNAPSHOT and LIFERAFT_VAULT.
+    and liferaft exits with the command's status. A vault that cannot be reached or
+    written stops liferaft before the command starts, unless --offline-ok. The command
+    sees LIFERAFT_RUN, LIFERAFT_RESUMED (1 or 0), LIFERAFT_SNAPSHOT (the snapshot
+    resumed from, else empty), LIFERAFT_VAULT and LIFERAFT_RESTARTS (0, then 1, 2, ...).
     """
     from .keeper import keep_from_config
     from .supervisor import RunOptions, Supervisor

@@ -1,9 +1,10 @@
 """``liferaft run``: keep a command's state alive across preemption, time caps and crashes.
 
-The supervisor restores the kept paths, starts the command in its own process group
-(its output passes straight through), snapshots the kept paths in the background, and
-on SIGTERM / SIGINT / SIGHUP / SIGUSR1 passes the signal on, waits up to the grace,
-takes the final snapshot and exits with the command's status.
+The supervisor checks that the vault can be reached and written (else the command is
+not started, unless ``offline_ok``), restores the kept paths, starts the command in its
+own process group (its output passes straight through), snapshots the kept paths in
+the background, and on SIGTERM / SIGINT / SIGHUP / SIGUSR1 passes the signal on, waits
+up to the grace, takes the final snapshot and exits with the command's status.
 
 On Linux the command is started through a two-line launcher that asks the kernel to
 send it SIGTERM if the supervisor dies, so a killed supervisor never leaves a training
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import LiferaftError, VaultUnreachable
 from .keeper import RestoreOutcome, check_run_name, check_vault_outside, resolve_keeps, restore_kept
 from .signals import STOP_SIGNALS, SignalHandlers, exit_status, signal_group, signal_name
-from .syncer import PassResult, Syncer, ensure_vault
+from .syncer import PassResult, Syncer, VaultNotWritable, check_writable, ensure_vault
 from .units import format_duration, format_size, plural
 
 if TYPE_CHECKING:
@@ -225,18 +226,30 @@ class Supervisor:
                 signal.signal(signal.SIGTTOU, ttou)
 
     def _check_vault(self, vault: Any, run: str) -> list[Any] | None:
-        """Reach (and create) the vault before the command starts: the run's snapshots, or None offline."""
+        """Reach (and create) the vault before the command starts, and prove it takes writes:
+        the run's snapshots, or None offline."""
+        from ..backends.base import StoreError  # a store's own refusal: no credentials, no bucket, a file in the way
+
         try:
             ensure_vault(vault)
-            return vault.snapshots(run=run)
-        except VaultUnreachable as err:
-            if not self.opts.offline_ok:
-                raise LiferaftError(
-                    f"{err.what} (the command was not started)",
-                    f"{err.fix + '; ' if err.fix else ''}or pass --offline-ok to run without it",
-                ) from None
+            snaps = vault.snapshots(run=run)
+        except (VaultUnreachable, StoreError) as err:
+            self._refuse_unless_offline_ok(err)
             self.warn(f"{err.what}; running without it (--offline-ok): nothing restored, snapshots retried every interval")
             return None
+        try:
+            check_writable(vault)
+        except (VaultUnreachable, VaultNotWritable) as err:
+            self._refuse_unless_offline_ok(err)
+            self.warn(f"{err.what}; running without saving (--offline-ok): snapshots retried every interval")
+        return snaps  # restored from even when it cannot be written: it can be read
+
+    def _refuse_unless_offline_ok(self, err: LiferaftError) -> None:
+        if not self.opts.offline_ok:
+            raise LiferaftError(
+                f"{err.what} (the command was not started)",
+                f"{err.fix + '; ' if err.fix else ''}or pass --offline-ok to run without it",
+            ) from None
 
     def _report_restore(self, run: str, snaps: list[Any]) -> None:
         o = self.outcome

@@ -108,6 +108,56 @@ def ensure_vault(vault: Vault) -> None:
     vault.repository(create=True)
 
 
+class VaultNotWritable(LiferaftError):
+    """The vault can be read but not written: every snapshot would fail."""
+
+
+def check_writable(vault: Vault) -> None:
+    """Prove that the vault takes writes: put and delete one writer-session lock.
+
+    A read-only mount, a folder without write permission or read-only credentials pass
+    every read, and only the snapshots would fail, one by one. The probe is the object a
+    snapshot writes first, in the vault's own format (a ``locks/session-*.json`` that
+    prune already knows, and removes if this process dies before deleting it), so it
+    costs one small write and one delete.
+
+    >>> check_writable(liferaft.Vault("/mnt/ro"))  # doctest: +SKIP
+    Traceback (most recent call last):
+    VaultNotWritable: the vault at /mnt/ro can be read but not written (Read-only file system); ...
+    """
+    import json
+    import uuid
+
+    from ..backends import BackendError, NoSpace
+    from ..errors import VaultUnreachable
+    from ..platform import hostname, pid_scope
+
+    repo = vault.repository(create=True)
+    name = f"locks/session-{uuid.uuid4().hex}.json"
+    now = time.time()
+    doc = {"host": hostname(), "pid": os.getpid(), "scope": pid_scope(), "started": now, "refreshed": now}
+    try:
+        repo.backend.put(name, json.dumps(doc).encode(), overwrite=True)  # as WriteSession writes its lock
+    except VaultUnreachable:
+        raise  # retried until the deadline: unreachable, not read-only
+    except NoSpace:
+        raise VaultNotWritable(f"the vault at {vault.url} is full", "free space there or choose another --vault") from None
+    except BackendError as err:
+        cause = err.__cause__
+        if isinstance(cause, OSError) and cause.strerror:
+            why = cause.strerror  # e.g. "Read-only file system", "Permission denied"
+        else:  # e.g. "access denied while writing locks/... (AccessDenied)"
+            why = (err.what if isinstance(err, LiferaftError) else str(err)).removeprefix(f"{vault.url}: ")
+        raise VaultNotWritable(
+            f"the vault at {vault.url} can be read but not written ({why})",
+            "make it writable (a read-write mount, write permission on the folder, credentials that may write) or choose another --vault",
+        ) from None
+    try:
+        repo.backend.delete(name)
+    except BackendError:
+        pass  # a store that takes writes but no deletes still commits snapshots; the lock goes stale
+
+
 class Syncer:
     """Snapshots ``keeps`` into ``vault`` as run ``run``: every ``every`` seconds and on request.
 
