@@ -91,3 +91,13 @@ def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, 
         text=True,
         timeout=timeout,
     )
+
+
+def one_line_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:
+    """A user mistake: a non-zero exit, no traceback, one line on stderr holding every needle."""
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]

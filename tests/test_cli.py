@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import liferaft
-from conftest import cli, make_tree, tree_state
+from conftest import cli, make_tree, one_line_error, tree_state
 
 
 def test_help_and_version() -> None:
@@ -174,13 +174,7 @@ def test_a_default_vault_not_written_yet_is_empty_for_every_command(tmp_path: Pa
     assert not list(default.rglob("config.json"))  # none of them created the vault
 
 
-def _one_line_error(r, *needles: str) -> None:
-    assert r.returncode != 0
-    assert "Traceback" not in r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
+_one_line_error = one_line_error
 
 
 @pytest.mark.parametrize(

@@ -6,16 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli, make_tree
+from conftest import cli, make_tree, one_line_error
 
 
 def _refused(r, *needles: str) -> None:
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
+    one_line_error(r, *needles)
 
 
 @pytest.mark.parametrize(
