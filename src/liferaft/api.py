@@ -70,11 +70,6 @@ def _store_errors(what: str) -> Callable[[_F], _F]:
     return wrap
 
 
-def _label(snap: SnapshotInfo) -> str:
-    """``run 'mnist', step 1200``; no step when it has none."""
-    return f"run {snap.run!r}" + (f", step {snap.step}" if snap.step is not None else "")
-
-
 class Vault:
     """A vault of snapshots, at a folder path or a URL.
 
@@ -239,7 +234,7 @@ class Vault:
             try:
                 result = restore(snap)
             except VaultCorrupt as err:
-                msg = f"snapshot {snap.short_id} ({_label(snap)}) failed verification: {err}"
+                msg = f"snapshot {snap.short_id} ({snap.label}) failed verification: {err}"
                 warnings.warn(msg + "; using the one before", stacklevel=2)
                 fallbacks.append(msg)
                 continue

@@ -91,11 +91,6 @@ def _shown(value: object) -> str:
     return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(value))
 
 
-def _snapshot_label(snap: Any) -> str:
-    """``run 'mnist', step 1200``; no step when the snapshot has none."""
-    return f"run {snap.run!r}" + (f", step {snap.step}" if snap.step is not None else "")
-
-
 def _size(n: float) -> str:
     if isinstance(n, bool) or not isinstance(n, (int, float)):
         return "?"
@@ -293,7 +288,7 @@ def restore(ctx: Ctx, snapshot_id: str | None, run: str | None, to: str | None, 
         return
     where = ", ".join(str(p) for p in result.destinations.values())
     ctx.say(
-        f"restored snapshot {result.snapshot.short_id} ({_snapshot_label(result.snapshot)}): {plural(result.files, 'file')}, {_size(result.nbytes)} → {where}"
+        f"restored snapshot {result.snapshot.short_id} ({result.snapshot.label}): {plural(result.files, 'file')}, {_size(result.nbytes)} → {where}"
     )
     if result.stale_temps_removed:
         ctx.say(f"removed {plural(result.stale_temps_removed, 'temp file')} an interrupted restore had left there")

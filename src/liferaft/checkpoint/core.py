@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..config import default_run_name
 from ..errors import LiferaftError, VaultCorrupt, VaultUnreachable
-from ..vault.format import RUN_MAX
+from ..vault.format import check_run_name
 from . import folder as fs
 from .retention import Policy, select_keep
 from .state import PICKLE, TENSORS, CheckpointDamaged, StagingPool, decode, read_bytes, read_tensors, stage
@@ -191,9 +191,7 @@ class Checkpointer:
         allow_pickle: bool = True,
     ) -> None:
         self.directory = Path(os.path.abspath(os.path.expanduser(os.fspath(directory))))
-        self.run = run or default_run_name()
-        if len(self.run) > RUN_MAX or "\x00" in self.run:
-            raise LiferaftError(f"bad run name {self.run[:40]!r}", f"use 1 to {RUN_MAX} characters")
+        self.run = check_run_name(run or default_run_name())
         self.policy = Policy(
             keep_last=keep_last,
             keep_best=(1 if monitor else 0) if keep_best is None else keep_best,

@@ -95,11 +95,9 @@ def check_vault_outside(keeps: Sequence[KeptPath], vault: Vault) -> None:
 
 def check_run_name(run: str) -> str:
     """Refuse a run name the vault would refuse, before any work starts."""
-    from ..vault.format import RUN_MAX
+    from ..vault.format import check_run_name as check
 
-    if not run or len(run) > RUN_MAX or "\x00" in run:
-        raise LiferaftError(f"bad run name {run[:40]!r}", f"use 1 to {RUN_MAX} characters, e.g. --run mnist")
-    return run
+    return check(run)
 
 
 def keep_from_config() -> list[str]:

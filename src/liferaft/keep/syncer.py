@@ -125,19 +125,11 @@ def check_writable(vault: Vault) -> None:
     Traceback (most recent call last):
     VaultNotWritable: the vault at /mnt/ro can be read but not written (Read-only file system); ...
     """
-    import json
-    import uuid
-
     from ..backends import BackendError, NoSpace
     from ..errors import VaultUnreachable
-    from ..platform import hostname, pid_scope
 
-    repo = vault.repository(create=True)
-    name = f"locks/session-{uuid.uuid4().hex}.json"
-    now = time.time()
-    doc = {"host": hostname(), "pid": os.getpid(), "scope": pid_scope(), "started": now, "refreshed": now}
     try:
-        repo.backend.put(name, json.dumps(doc).encode(), overwrite=True)  # as WriteSession writes its lock
+        vault.repository(create=True).probe_write()
     except VaultUnreachable:
         raise  # retried until the deadline: unreachable, not read-only
     except NoSpace:
@@ -152,10 +144,6 @@ def check_writable(vault: Vault) -> None:
             f"the vault at {vault.url} can be read but not written ({why})",
             "make it writable (a read-write mount, write permission on the folder, credentials that may write) or choose another --vault",
         ) from None
-    try:
-        repo.backend.delete(name)
-    except BackendError:
-        pass  # a store that takes writes but no deletes still commits snapshots; the lock goes stale
 
 
 class Syncer:

@@ -83,6 +83,11 @@ class SnapshotInfo:
     def time(self) -> float:
         return self.time_ns / 1e9
 
+    @property
+    def label(self) -> str:
+        """``run 'mnist', step 1200``; no step when it has none."""
+        return f"run {self.run!r}" + (f", step {self.step}" if self.step is not None else "")
+
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -483,10 +488,28 @@ class Repository:
         assert doc is not None
         return {p for p in doc.get("doomed", []) if isinstance(p, str)}
 
+    def probe_write(self) -> None:
+        """Prove the vault takes writes: put and delete one writer-session lock, the first
+        object a snapshot writes (prune knows it, and removes it if this process dies
+        first). A read-only mount or read-only credentials pass every read; this raises
+        the store's BackendError. A failed delete is ignored: such a store still commits."""
+        name = f"locks/session-{uuid.uuid4().hex}.json"
+        self.backend.put(name, session_lock(time.time()), overwrite=True)
+        try:
+            self.backend.delete(name)
+        except BackendError:
+            pass  # the lock goes stale and prune removes it
+
     def session(self, **kw: Any) -> WriteSession:
         return WriteSession(self, **kw)
 
     # ------------------------------------------------------------ helpers
+
+
+def session_lock(started: float) -> bytes:
+    """A writer session's lock document: who holds it, since when, refreshed now."""
+    doc = {"host": hostname(), "pid": os.getpid(), "scope": pid_scope(), "started": started, "refreshed": time.time()}
+    return json.dumps(doc).encode()
 
 
 def parallel_map(fn: Callable[[_A], _T], items: Sequence[_A], workers: int, name: str = "liferaft") -> list[_T]:
@@ -746,15 +769,8 @@ class WriteSession:
     # -- lock
 
     def _write_lock(self) -> None:
-        doc = {
-            "host": hostname(),
-            "pid": os.getpid(),
-            "scope": pid_scope(),
-            "started": self.started,
-            "refreshed": time.time(),
-        }
         try:
-            self.backend.put(self.lock_name, json.dumps(doc).encode(), overwrite=True)
+            self.backend.put(self.lock_name, session_lock(self.started), overwrite=True)
         except BackendError as err:
             raise self._convert(err) from None
 
