@@ -126,6 +126,7 @@ def test_interrupted_snapshot_leaves_nothing_for_prune(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not inherited as ignored (a CI's `cmd &`)
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
