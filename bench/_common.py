@@ -44,6 +44,22 @@ def liferaft_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "liferaft", *args]
 
 
+def compile_bytecode(env: dict[str, str] | None = None) -> None:
+    """Write the bytecode cache of every module a CLI snapshot and restore import, as
+    `pip install` does for a user. With PYTHONDONTWRITEBYTECODE set and an editable
+    install (a development machine), every timed `liferaft` process would otherwise
+    compile liferaft's sources again: ~70 ms a start here, a cost no user pays."""
+    full_env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    full_env.update(env or {})
+    code = (
+        "import compileall, os, liferaft; "
+        "compileall.compile_dir(os.path.dirname(liferaft.__file__), quiet=1); "
+        "import liferaft.cli, liferaft.api, liferaft.vault.snapshot, liferaft.vault.restore, "
+        "liferaft.vault.maintenance, liferaft.backends.local"
+    )
+    subprocess.run([sys.executable, "-c", code], env=full_env, check=True)
+
+
 def drop(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     if path.exists():

@@ -219,6 +219,8 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="liferaft-bench-cloud-", dir=args.dir))
     args.scratch = scratch
     os.environ["LIFERAFT_CACHE_DIR"] = str(scratch / "cache")

@@ -170,6 +170,8 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
 
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="liferaft-bench-run-", dir=args.dir))
     work, vault = base / "work", base / "vault"
     env_note = f"{os.cpu_count()} CPUs visible, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'} usable"

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import Timing, drop, evict, liferaft_argv, run, sync, table, warm
+from _common import Timing, compile_bytecode, drop, evict, liferaft_argv, run, sync, table, warm
 
 
 def make_big(root: Path, total: int, files: int = 4) -> None:
@@ -139,8 +139,11 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="liferaft-bench-", dir=args.dir))
     env = {"LIFERAFT_CACHE_DIR": str(scratch / "cache")}
+    compile_bytecode(env)
     results: dict[str, Timing] = {}
     try:
         big = scratch / "big"

@@ -993,11 +993,33 @@ class WriteSession:
         self._stop.set()
         self._pool.shutdown(wait=True)
         self._sync_pool.shutdown(wait=True)
+        self._release_buffers()
         self._discard_unindexed()
         try:
             self.backend.delete(self.lock_name)
         except BackendError:
             pass
+
+    def _release_buffers(self) -> None:
+        """Give the pack buffers' memory back now (21 MiB each, up to ``max_pending`` + 1
+        + one per reader), not whenever a cycle collection finds this session: in a
+        notebook or under ``liferaft run`` the process goes on after the snapshot."""
+        bufs = [p.buf for p in self._packers if p.buf is not None]
+        for packer in self._packers:
+            packer.buf = None
+        if self._cur is not None:
+            bufs.append(self._cur)
+            self._cur = None
+        while True:
+            try:
+                bufs.append(self._free.get_nowait())
+            except queue.Empty:
+                break
+        for buf in bufs:
+            try:
+                buf.buf.close()
+            except BufferError:
+                pass  # a view of it is still alive (an interrupted reader): freed with that
 
     def _discard_unindexed(self) -> None:
         """Delete the packs of a snapshot that stopped before its index fragment (Ctrl-C,
