@@ -80,6 +80,27 @@ def test_attach_twice_returns_the_running_raft(tmp_path: Path, local_vault: str,
         raft2.close()
 
 
+def test_attach_to_a_vault_that_refuses_writes_fails_before_restoring(tmp_path: Path, local_vault: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Readable but not writable (its locks/ is a file: a real OSError on the first write,
+    # as root too): without this check every background pass would fail, one warning an
+    # interval, while the notebook trains unprotected.
+    work = tmp_path / "work"
+    (work / "ckpt").mkdir(parents=True)
+    (work / "ckpt" / "state").write_text("saved")
+    liferaft.Vault(local_vault).snapshot([work / "ckpt"], run="nb")
+    (work / "ckpt" / "state").write_text("local, newer")
+    (Path(local_vault) / "locks").rmdir()
+    (Path(local_vault) / "locks").write_text("not a folder")
+    monkeypatch.chdir(work)
+    base = _syncers()
+    with pytest.raises(LiferaftError) as info:
+        liferaft.attach(keep="ckpt", every=60, vault=local_vault, run="nb", force=True, quiet=True)
+    assert f"the vault at {local_vault} can be read but not written" in str(info.value)
+    assert "choose another vault=" in str(info.value)
+    assert liferaft.keep.session.current() is None and _syncers() == base
+    assert (work / "ckpt" / "state").read_text() == "local, newer"  # nothing restored over it
+
+
 def _python(script: str, cwd: Path, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(script), *args],

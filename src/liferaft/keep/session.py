@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import LiferaftError
 from .keeper import KeptPath, RestoreOutcome, check_run_name, check_vault_outside, resolve_keeps, restore_kept
 from .signals import SignalHandlers
-from .syncer import NOTHING_YET, PassResult, Syncer, ensure_vault
+from .syncer import NOTHING_YET, PassResult, Syncer, check_writable, ensure_vault
 from .units import format_duration, format_size, plural
 
 if TYPE_CHECKING:
@@ -126,6 +126,9 @@ class Raft:
 
     def _start(self, *, force: bool) -> None:
         ensure_vault(self.vault)
+        # Before anything is restored: a read-only mount or credentials that may only read
+        # would otherwise fail every background snapshot, one warning an interval.
+        check_writable(self.vault, other="vault=")
         self.restored = restore_kept(self.vault, self.run, self.keeps, force=force, say=self._warn)
         o = self.restored
         for msg in o.messages:

@@ -112,7 +112,7 @@ class VaultNotWritable(LiferaftError):
     """The vault can be read but not written: every snapshot would fail."""
 
 
-def check_writable(vault: Vault) -> None:
+def check_writable(vault: Vault, *, other: str = "--vault") -> None:
     """Prove that the vault takes writes: put and delete one writer-session lock.
 
     A read-only mount, a folder without write permission or read-only credentials pass
@@ -133,7 +133,7 @@ def check_writable(vault: Vault) -> None:
     except VaultUnreachable:
         raise  # retried until the deadline: unreachable, not read-only
     except NoSpace:
-        raise VaultNotWritable(f"the vault at {vault.url} is full", "free space there or choose another --vault") from None
+        raise VaultNotWritable(f"the vault at {vault.url} is full", f"free space there or choose another {other}") from None
     except BackendError as err:
         cause = err.__cause__
         if isinstance(cause, OSError) and cause.strerror:
@@ -142,7 +142,7 @@ def check_writable(vault: Vault) -> None:
             why = (err.what if isinstance(err, LiferaftError) else str(err)).removeprefix(f"{vault.url}: ")
         raise VaultNotWritable(
             f"the vault at {vault.url} can be read but not written ({why})",
-            "make it writable (a read-write mount, write permission on the folder, credentials that may write) or choose another --vault",
+            f"make it writable (a read-write mount, write permission on the folder, credentials that may write) or choose another {other}",
         ) from None
 
 
