@@ -80,7 +80,9 @@ def test_attach_twice_returns_the_running_raft(tmp_path: Path, local_vault: str,
         raft2.close()
 
 
-def test_attach_to_a_vault_that_refuses_writes_fails_before_restoring(tmp_path: Path, local_vault: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_attach_to_a_vault_that_refuses_writes_fails_before_restoring(
+    tmp_path: Path, local_vault: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Readable but not writable (its locks/ is a file: a real OSError on the first write,
     # as root too): without this check every background pass would fail, one warning an
     # interval, while the notebook trains unprotected.
