@@ -333,6 +333,33 @@ def test_credentials_in_json_files_are_left_out_whatever_their_name(vault_url: s
     assert snap.stats["secrets_excluded"] == 0 and snap.stats["files"] == 5
 
 
+def test_a_credential_file_left_out_keeps_an_idle_pass_idle(local_vault: str, tmp_path: Path) -> None:
+    # A service-account key beside the checkpoints (it is where the notebook put it) was
+    # judged again on every pass: read, a session lock written and deleted, each interval.
+    sa = b'{"type": "service_account", "private_key": "-----BEGIN PRIVATE KEY-----\\nMIIE\\n"}'
+    src = make_tree(tmp_path / "ckpt", {"model.pt": os.urandom(1 << 20), "sa-key-copy.json": sa})
+    time.sleep(1.1)  # older than the racily-clean second
+    vault = liferaft.Vault(local_vault)
+    first = vault.snapshot([src], run="r")
+    assert first.stats["secrets_excluded"] == 1
+    mtimes = {p: p.stat().st_mtime_ns for p in Path(local_vault).rglob("*")}
+    same = vault.snapshot([src], run="r", skip_unchanged=True)
+    assert same.unchanged and same.id == first.id
+    assert {p: p.stat().st_mtime_ns for p in Path(local_vault).rglob("*")} == mtimes  # no lock written
+    (src / "model.pt").write_bytes(os.urandom(1 << 20))
+    second = vault.snapshot([src], run="r", skip_unchanged=True)
+    assert second.stats["files_read"] == 1 and second.stats["secrets_excluded"] == 1  # the key: not read again
+    # the key file replaced by plain JSON (same size, one second on) is read, and kept
+    time.sleep(1.1)
+    plain = b'{"type": "service_account", "private_kez": "-----BEGIN PRIVATE KEY-----\\nMIIE\\n"}'
+    assert len(plain) == len(sa)
+    (src / "sa-key-copy.json").write_bytes(plain)
+    third = vault.snapshot([src], run="r", skip_unchanged=True)
+    assert not third.unchanged and third.stats["secrets_excluded"] == 0 and third.stats["files"] == 2
+    vault.restore(third.id, to=tmp_path / "back")
+    assert (tmp_path / "back" / "ckpt" / "sa-key-copy.json").read_bytes() == plain
+
+
 def _bytes_state(root: bytes) -> dict[bytes, tuple]:
     """Like tree_state, by the names' own bytes."""
     out: dict[bytes, tuple] = {}

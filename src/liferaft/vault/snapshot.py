@@ -28,7 +28,7 @@ from ..progress import Progress, SyncedProgress
 from . import format as fmt
 from .repository import Repository, SnapshotInfo, StreamPacker, WriteSession, info_from_manifest
 from .restore import is_restore_temp
-from .statcache import StatCache, stat_key
+from .statcache import SECRET, StatCache, stat_key
 
 # Never snapshotted unless asked: credentials that must not leave the machine.
 SECRET_PATTERNS = (
@@ -215,6 +215,7 @@ class _Reader:
                     total = len(data)
                     if item.sniff and holds_credentials(data):
                         item.secret = True  # before a byte of it is stored
+                        item.st = opened  # the version judged, for the stat cache
                         return None
                     if data:
                         blobs.append(self.session.add(data).hex())
@@ -259,6 +260,8 @@ def _unchanged(repo: Repository, walk: WalkResult, caches: dict[str, StatCache],
         if entry.type == fmt.TYPE_FILE:
             assert item.st is not None
             root_name, _, rel = entry.path.partition("/")
+            if item.sniff and caches[root_name].known_secret(rel or ".", item.st):
+                continue  # left out, as it was: a credential file does not make a pass busy
             blobs = caches[root_name].lookup(rel or ".", item.st)
             if blobs is None or not all(bytes.fromhex(b) in index for b in blobs):
                 return False
@@ -419,6 +422,11 @@ def take_snapshot(
                 continue
             assert item.st is not None
             root_name, _, rel = entry.path.partition("/")
+            if item.sniff and caches[root_name].known_secret(rel or ".", item.st):
+                item.secret = True  # judged before, unchanged since: not read again
+                blobs_of[i] = None
+                progress.advance(1, entry.size)
+                continue
             blobs = caches[root_name].lookup(rel or ".", item.st)
             if blobs is not None and all(session.has(bytes.fromhex(b)) for b in blobs):
                 blobs_of[i] = blobs
@@ -435,6 +443,10 @@ def take_snapshot(
             blobs = blobs_of[i]
             if item.secret:
                 walk.secrets.append(item.abspath)
+                assert item.st is not None
+                root_name, _, rel = entry.path.partition("/")
+                if max(item.st.st_mtime_ns, item.st.st_ctime_ns) < racy_after:
+                    new_cache[root_name][rel or "."] = [*stat_key(item.st), SECRET]
                 continue
             if blobs is None:
                 changed.append(entry.path)

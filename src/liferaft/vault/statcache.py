@@ -13,7 +13,8 @@ from typing import Any
 
 import blake3
 
-CacheEntry = list[Any]  # [size, mtime_ns, ino, ctime_ns, [blob ids]]
+CacheEntry = list[Any]  # [size, mtime_ns, ino, ctime_ns, [blob ids] or SECRET]
+SECRET = "secret"  # in place of the blob ids: a file left out for the credentials it holds
 
 
 def cache_dir() -> Path:
@@ -51,6 +52,11 @@ class StatCache:
         if tuple(e[:4]) != stat_key(st):
             return None
         return e[4] if isinstance(e[4], list) else None
+
+    def known_secret(self, rel: str, st: os.stat_result) -> bool:
+        """Whether this version of the file was left out before for holding credentials."""
+        e = self.entries.get(rel)
+        return isinstance(e, list) and len(e) == 5 and e[4] == SECRET and tuple(e[:4]) == stat_key(st)
 
     def save(self, entries: dict[str, CacheEntry]) -> None:
         self.entries = entries
