@@ -111,8 +111,10 @@ def test_corrupt_manifest_is_reported_and_skipped(tmp_path: Path) -> None:
     # prune refuses to guess what a damaged manifest referenced, and says how to proceed
     with pytest.raises(LiferaftError, match="forget"):
         liferaft.Vault(vault.url).prune()
-    liferaft.Vault(vault.url).forget_ids([s2.id[:10]])
+    r = cli("--vault", vault.url, "forget", s2.id[:10])
+    assert r.returncode == 0 and r.stdout.strip() == f"forgot 1 snapshot: {s2.short_id} (damaged)", r.stdout + r.stderr
     assert liferaft.Vault(vault.url).verify(read_data=True).ok
+    assert [s.id for s in liferaft.Vault(vault.url).snapshots()] == [s1.id]
 
 
 def test_corrupt_index_fragment_is_named(tmp_path: Path) -> None:

@@ -287,11 +287,12 @@ class Vault:
         return doomed, report
 
     @_store_errors("forgetting snapshots")
-    def forget_ids(self, ids: Sequence[str]) -> list[SnapshotInfo]:
+    def forget_ids(self, ids: Sequence[str], *, damaged: list[str] | None = None) -> list[SnapshotInfo]:
         """Forget snapshots by id (or unique prefix), damaged ones included.
 
         Every id is looked up before anything is deleted; a snapshot named twice is
-        forgotten (and returned) once.
+        forgotten (and returned) once. A damaged manifest (one ``snapshots()`` leaves
+        out) has no ``SnapshotInfo`` to return: ``damaged``, a list, gets its id.
         """
         repo = self._readable()
         if repo is None:
@@ -299,7 +300,7 @@ class Vault:
                 raise SnapshotNotFound(f"no snapshot with id {ids[0]!r}: the vault at {self.url} is empty")
             return []
         found: dict[str, SnapshotInfo] = {}
-        damaged: set[str] = set()
+        broken: set[str] = set()
         for ref in ids:
             try:
                 snap = repo.find(ref)
@@ -310,14 +311,16 @@ class Vault:
                 names = [o.name for o in repo._list("snapshots/") if o.name.split("/")[-1].startswith(prefix)] if len(prefix) >= 4 else []
                 if len(names) != 1:
                     raise
-                damaged.add(names[0])
+                broken.add(names[0])
                 continue
             found.setdefault(snap.id, snap)
-        for name in sorted(damaged):
+        for name in sorted(broken):
             try:
                 repo.backend.delete(name)
             except ObjectNotFound:
-                pass  # forgotten meanwhile
+                continue  # forgotten meanwhile
+            if damaged is not None:
+                damaged.append(name.split("/")[-1].removesuffix(".json"))
         repo.forget(list(found))
         return list(found.values())
 

@@ -323,19 +323,21 @@ def verify(ctx: Ctx, read_data: bool) -> None:
 def forget(ctx: Ctx, ids: tuple[str, ...], run: str | None, keep_last: int | None, do_prune: bool) -> None:
     """Forget snapshots: by ID, or all but the newest --keep-last N of --run."""
     vault = ctx.vault()
+    damaged: list[str] = []
     if ids:
         if run or keep_last is not None:
             raise LiferaftError("give snapshot ids or --run/--keep-last, not both", "run two commands")
-        gone = vault.forget_ids(list(ids))
+        gone = vault.forget_ids(list(ids), damaged=damaged)
         report = vault.prune() if do_prune else None
     else:
         if not run or keep_last is None:
             raise LiferaftError("forget needs --run NAME --keep-last N (or snapshot ids)", "e.g. liferaft forget --run mnist --keep-last 3")
         gone, report = vault.forget(run=run, keep_last=keep_last, prune=do_prune)
     if ctx.json:
-        ctx.data({"forgotten": [s.to_json() for s in gone], "prune": report.to_json() if report else None})
+        ctx.data({"forgotten": [s.to_json() for s in gone], "forgotten_damaged": damaged, "prune": report.to_json() if report else None})
         return
-    ctx.say(f"forgot {plural(len(gone), 'snapshot')}" + (": " + ", ".join(s.short_id for s in gone) if gone else ""))
+    names = [s.short_id for s in gone] + [f"{d[:12]} (damaged)" for d in damaged]
+    ctx.say(f"forgot {plural(len(names), 'snapshot')}" + (": " + ", ".join(names) if names else ""))
     if report:
         _say_prune(ctx, report)
 
