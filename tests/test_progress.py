@@ -14,7 +14,7 @@ from rich.console import Console
 
 import liferaft
 from conftest import make_tree
-from liferaft.progress import RichProgress
+from liferaft.progress import RichProgress, TextProgress
 
 
 def _console(buf: io.StringIO) -> Console:
@@ -121,6 +121,36 @@ def test_an_interrupted_snapshot_stops_its_bar(tmp_path: Path) -> None:
         liferaft.Vault(tmp_path / "vault").snapshot([src], run="r", progress=_CtrlC(min_bytes=1 << 20, console=_console(buf)))
     out = buf.getvalue()
     assert HIDE in out and out.rindex(SHOW) > out.rindex(HIDE), repr(out[-300:])  # the cursor is back
+
+
+class _TextCtrlC(TextProgress):
+    """Text lines whose work is interrupted, as by Ctrl-C, half way."""
+
+    def advance(self, files: int = 0, nbytes: int = 0) -> None:
+        super().advance(files, nbytes)
+        if self.nbytes >= self.bytes_total // 2:
+            raise KeyboardInterrupt
+
+
+def test_text_progress_says_done_only_when_the_work_is_done(tmp_path: Path) -> None:
+    # Jupyter without ipywidgets, and logs: the last line must not say "done" after an
+    # interrupted snapshot or restore.
+    src = make_tree(tmp_path / "d", {f"f{i}": os.urandom(2 << 20) for i in range(4)})
+    vault = liferaft.Vault(tmp_path / "vault")
+    buf = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):
+        vault.snapshot([src], run="r", progress=_TextCtrlC(stream=buf, min_bytes=1 << 20))
+    last = buf.getvalue().splitlines()[-1]
+    assert last.startswith("snapshot: ") and ", stopped after " in last and "done" not in last, buf.getvalue()
+    assert vault.snapshots() == []
+    buf = io.StringIO()
+    vault.snapshot([src], run="r", progress=TextProgress(stream=buf, min_bytes=1 << 20))
+    assert "8/8 MiB, 4/4 files" in buf.getvalue() and ", done in " in buf.getvalue().splitlines()[-1], buf.getvalue()
+    buf = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):
+        vault.restore(run="r", to=tmp_path / "back", progress=_TextCtrlC(stream=buf, min_bytes=1 << 20))
+    last = buf.getvalue().splitlines()[-1]
+    assert last.startswith("restore: ") and ", stopped after " in last, buf.getvalue()
 
 
 def test_progress_as_a_context_manager_is_finished_on_any_exit() -> None:

@@ -156,8 +156,11 @@ class Vault:
                 skip_unchanged=skip_unchanged,
                 use_cache=use_cache,
             )
+        except BaseException:
+            progress.abort()  # Ctrl-C or a failure: no live bar left on screen, nor "done"
+            raise
         finally:
-            progress.finish()  # on any exit, Ctrl-C included: no live bar left on screen
+            progress.finish()
 
     @_store_errors("listing snapshots")
     def snapshots(self, run: str | None = None, *, missing_ok: bool = False, damaged: list[str] | None = None) -> list[SnapshotInfo]:

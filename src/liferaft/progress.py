@@ -28,10 +28,16 @@ class Progress:
     def finish(self) -> None:
         """The phase is over (calling it again does nothing)."""
 
+    def abort(self) -> None:
+        """The work ended early (an error, Ctrl-C): end the display without calling it done."""
+        self.finish()
+
     def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
+        if kind is not None:
+            self.abort()
         self.finish()
 
 
@@ -53,6 +59,10 @@ class SyncedProgress(Progress):
     def finish(self) -> None:
         with self._lock:
             self.inner.finish()
+
+    def abort(self) -> None:
+        with self._lock:
+            self.inner.abort()
 
 
 class RichProgress(Progress):
@@ -136,7 +146,12 @@ class TextProgress(Progress):
             self._line(done=True)
         self._active = False
 
-    def _line(self, done: bool = False) -> None:
+    def abort(self) -> None:
+        if self._active:
+            self._line(stopped=True)
+        self._active = False
+
+    def _line(self, done: bool = False, stopped: bool = False) -> None:
         self.last = now = time.monotonic()
         elapsed = max(now - self.t0, 1e-9)
         rate = self.nbytes / elapsed
@@ -144,6 +159,8 @@ class TextProgress(Progress):
         text = f"{self.what}: {self.nbytes / mib:.0f}/{self.bytes_total / mib:.0f} MiB, {self.files}/{self.files_total} files, {rate / mib:.0f} MiB/s"
         if done:
             text += f", done in {elapsed:.1f}s"
+        elif stopped:
+            text += f", stopped after {elapsed:.1f}s"
         elif rate > 0 and self.bytes_total > self.nbytes:
             text += f", ~{(self.bytes_total - self.nbytes) / rate:.0f}s left"
         print(text, file=self.stream, flush=True)

@@ -482,8 +482,10 @@ def _fill(
             work.append((pack_id, seg))
     try:
         parallel_map(do_segment, work, workers, "liferaft-restore")
-    finally:
-        progress.finish()
+    except BaseException:
+        progress.abort()  # Ctrl-C or a failure: not "done"
+        raise
+    progress.finish()
 
 
 def _record_cache(repo: Repository, dests: dict[str, Path], files: list[fmt.Entry], stats: list[os.stat_result | None]) -> None:
