@@ -464,3 +464,16 @@ def test_messages_count_in_words(tmp_path: Path) -> None:
     assert ": 1 snapshot, 1 pack, " in r.stdout, r.stdout
     r = cli("--vault", vault, "forget", "--run", "r", "--keep-last", "1", "--prune")
     assert r.returncode == 0 and r.stdout.startswith("forgot 0 snapshots\npruned 0 packs, "), r.stdout
+
+
+def test_json_on_a_command_that_prints_a_log_is_refused(tmp_path: Path) -> None:
+    # Ignored, it made a script parse liferaft run's log lines as JSON.
+    work = tmp_path / "work"
+    work.mkdir()
+    for argv in (["run", "--keep", "x", "--", "python", "-c", "open('started', 'w')"], ["demo"]):
+        r = cli("--vault", str(tmp_path / "v"), "--json", *argv, cwd=work)
+        assert r.returncode == 2, r.stderr
+        one_line_error(r, f"liferaft {argv[0]} has no --json output", "drop --json; it works with forget, info")
+    assert not (work / "started").exists() and not (tmp_path / "v").exists()
+    r = cli("--vault", str(tmp_path / "v"), "--json", "snapshot", str(work), "--run", "w")
+    assert r.returncode == 0 and json.loads(r.stdout)["run"] == "w", r.stderr
