@@ -193,8 +193,9 @@ class StoreServer:
             return ""
 
 
-def _command(kind: str, port: int, workdir: Path) -> tuple[list[str], dict[str, str]]:
+def _command(kind: str, port: int, workdir: Path, extra_env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
+    env.update(extra_env or {})
     client = "gcsfs" if kind == "gcs" else "s3fs"
     if importlib.util.find_spec(client) is None:
         pytest.skip(f"{client} is not installed: pip install 'liferaft[test]'")
@@ -250,13 +251,14 @@ def _ready(kind: str, port: int) -> bool:
         return False
 
 
-def start_server(kind: str, deadline: float = START_DEADLINE) -> StoreServer:
-    """Start one server and wait until it answers HTTP; raise with its log if it does not."""
+def start_server(kind: str, deadline: float = START_DEADLINE, extra_env: dict[str, str] | None = None) -> StoreServer:
+    """Start one server and wait until it answers HTTP; raise with its log if it does not.
+    ``extra_env`` goes to the server's environment (moto's settings)."""
     last = ""
     for _attempt in range(3):  # a free port can be taken between our probe and its bind
         workdir = Path(tempfile.mkdtemp(prefix=f"liferaft-{kind}-"))
         port = free_port()
-        cmd, env = _command(kind, port, workdir)
+        cmd, env = _command(kind, port, workdir, extra_env)
         log = workdir / "server.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=workdir)

@@ -26,7 +26,7 @@ from liferaft.backends import Backend, BackendError, ObjectExists, open_backend
 from liferaft.backends.objectstore import ObjectStoreBackend, _clean, _is_credentials, _is_transient
 from liferaft.errors import LiferaftError, VaultCorrupt, VaultUnreachable
 from liferaft.vault.repository import SnapshotInfo, pack_name
-from servers import ACCESS_KEY, KINDS, SECRET_KEY, StoreServer, free_port
+from servers import ACCESS_KEY, KINDS, SECRET_KEY, StoreServer, free_port, start_server
 
 # ---------------------------------------------------------------- helpers
 
@@ -341,6 +341,79 @@ def test_wrong_or_missing_s3_credentials_and_bad_settings_are_one_clear_line(rcl
     _one_clear_line(results["none"], "found no credentials", "AWS_ACCESS_KEY_ID")
     _one_clear_line(results["bad-deadline"], "LIFERAFT_RETRY_DEADLINE must be a number of seconds")
     assert ACCESS_KEY not in results["none"].stderr
+
+
+def _iam_moto(users: dict[str, list[str]]) -> tuple[StoreServer, dict[str, dict[str, str]]]:
+    """A moto server of its own that enforces IAM, with one user per entry of ``users``
+    (allowed those S3 actions) and a bucket; returns it and each user's client env.
+
+    moto lets the first INITIAL_NO_AUTH_ACTION_COUNT requests through unsigned-for: its
+    readiness probe, then the setup below; every request after is checked against the
+    users' policies (the session's servers stay open, so this one is separate)."""
+    import boto3
+
+    setup = 1 + 3 * len(users) + 1  # the probe, user + policy + key each, the bucket
+    server = start_server("moto", extra_env={"INITIAL_NO_AUTH_ACTION_COUNT": str(setup)})
+    try:
+        kw = {"endpoint_url": server.endpoint, "region_name": "us-east-1", "aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
+        iam = boto3.client("iam", **kw)
+        envs = {}
+        for name, actions in users.items():
+            iam.create_user(UserName=name)
+            doc = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}
+            iam.put_user_policy(UserName=name, PolicyName=f"{name}-s3", PolicyDocument=json.dumps(doc))
+            key = iam.create_access_key(UserName=name)["AccessKey"]
+            envs[name] = dict(server.env(), AWS_ACCESS_KEY_ID=key["AccessKeyId"], AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"])
+        boto3.client("s3", **kw).create_bucket(Bucket=server.bucket)
+    except BaseException:
+        server.stop()
+        raise
+    return server, envs
+
+
+def test_read_only_bucket_credentials_stop_liferaft_run_before_the_command(tmp_path: Path) -> None:
+    # Credentials that may list and read but not write (a teammate's vault, a scoped key):
+    # every read passes, so only the start's write probe can tell, on a real S3 server
+    # that enforces the users' policies.
+    server, env = _iam_moto({"writer": ["s3:*"], "reader": ["s3:GetObject", "s3:ListBucket"]})
+    try:
+        url = f"s3://{server.bucket}/team"
+        work = make_tree(tmp_path / "work" / "ckpt", {"state.json": '{"step": 3}'}).parent
+        r = _cli_all({"write": (env["writer"], ["--vault", url, "snapshot", str(work / "ckpt"), "--run", "work"])})["write"]
+        assert r.returncode == 0, r.stderr
+        (work / "ckpt" / "state.json").unlink()
+        (work / "ckpt").rmdir()
+        results = _cli_all(
+            {
+                "list": (env["reader"], ["--vault", url, "snapshots", "--json"]),
+                "snapshot": (env["reader"], ["--vault", url, "snapshot", str(tmp_path / "work"), "--run", "other"]),
+            }
+        )
+        assert results["list"].returncode == 0 and [s["run"] for s in json.loads(results["list"].stdout)] == ["work"]
+        secret = env["reader"]["AWS_SECRET_ACCESS_KEY"]
+        _one_clear_line(results["snapshot"], "access denied", secrets=(secret,))
+
+        def run(*extra: str) -> subprocess.CompletedProcess[str]:
+            marker = "import pathlib; pathlib.Path('started').write_text(pathlib.Path('ckpt/state.json').read_text())"
+            argv = [sys.executable, "-m", "liferaft", "--vault", url, "run", "--run", "work", "--keep", "ckpt", *extra, "--"]
+            base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+            return subprocess.run(
+                [*argv, sys.executable, "-c", marker], cwd=work, env={**base, **env["reader"]}, capture_output=True, text=True, timeout=240
+            )
+
+        r = run()
+        _one_clear_line(
+            r, f"the vault at {url} can be read but not written", "the command was not started", "--offline-ok", secrets=(secret,)
+        )
+        assert not (work / "started").exists() and not (work / "ckpt").exists()
+        # --offline-ok: restored from the vault it can read, then started
+        r = run("--offline-ok")
+        assert r.returncode == 0, r.stderr
+        assert "can be read but not written" in r.stderr and (work / "started").read_text() == '{"step": 3}', r.stderr
+        listing = _cli_all({"list": (env["writer"], ["--vault", url, "snapshots", "--json"])})["list"]
+        assert [s["run"] for s in json.loads(listing.stdout)] == ["work"]  # the reader wrote nothing
+    finally:
+        server.stop()
 
 
 def test_bad_gcs_key_files_are_one_clear_line(tmp_path: Path) -> None:
