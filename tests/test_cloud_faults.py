@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -138,3 +139,46 @@ def test_a_network_that_never_recovers_fails_clearly_within_the_deadline(
     assert vault.verify(read_data=True).ok
     vault.restore(first.id, to=tmp_path / "back")
     assert tree_state(tmp_path / "back" / "work") == state
+
+
+def test_a_store_that_dies_mid_snapshot_fails_within_one_deadline(
+    moto_server: StoreServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The endpoint goes away after some packs are up. Cleaning up after the failure must
+    not retry a delete per pack, each for a whole deadline (20 minutes for a real one)."""
+    server = moto_server
+    server.apply(monkeypatch)
+    url = server.vault_url()
+    small_pack_vault(url)  # 256 KiB packs: 24 MiB is ~24 uploads (packs close at a chunk past 256 KiB)
+    first = liferaft.Vault(url).snapshot([make_tree(tmp_path / "first", {"a": "1"})], run="r")
+    work = make_tree(tmp_path / "work", {"model.bin": os.urandom(24 << 20)})
+    opts = "retry_deadline = 3\nconfig_kwargs = { read_timeout = 2, connect_timeout = 2 }"
+    (tmp_path / "liferaft.toml").write_text(f'[vault]\nurl = "{url}"\n\n[vault.options]\n{opts}\n')
+    monkeypatch.chdir(tmp_path)
+    packs = url.removeprefix("s3://") + "/packs"
+    raw = server.raw_fs()
+    with FaultProxy(server.port, lifetime=120) as proxy:
+        server.apply(monkeypatch, proxy.endpoint)
+
+        def cut_when_packs_are_up() -> None:
+            end = time.monotonic() + 60
+            while time.monotonic() < end and len(raw.find(packs)) < 1 + 12:  # the first snapshot's, then 12 more
+                time.sleep(0.02)
+            proxy.close()  # every connection cut, every new one refused
+
+        cutter = threading.Thread(target=cut_when_packs_are_up)
+        cutter.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(VaultUnreachable) as info:
+                liferaft.Vault().snapshot([work], run="r")
+            elapsed = time.monotonic() - started
+        finally:
+            cutter.join()
+    assert "still failing" in _clear(info.value)
+    assert len(raw.find(packs)) >= 13, "the store died before any pack was up: nothing to clean"
+    assert elapsed < 25, f"failed after {elapsed:.0f}s with a 3 s deadline: the cleanup waited a deadline per pack"
+    server.apply(monkeypatch)
+    vault = liferaft.Vault(url)
+    assert [s.id for s in vault.snapshots()] == [first.id]
+    assert vault.verify().ok

@@ -986,7 +986,9 @@ class WriteSession:
             )
         return self.repo.commit(manifest)
 
-    def close(self) -> None:
+    def close(self, failed: BaseException | None = None) -> None:
+        """End the session: wait for uploads, free the buffers, delete what no fragment
+        lists and the session lock. ``failed``: the error that ended it, if any."""
         if self.closed:
             return
         self.closed = True
@@ -994,6 +996,13 @@ class WriteSession:
         self._pool.shutdown(wait=True)
         self._sync_pool.shutdown(wait=True)
         self._release_buffers()
+        failed = failed or self._error
+        if isinstance(failed, VaultUnreachable) and self.backend.remote:
+            # The store stopped answering: each delete would wait out a whole retry
+            # deadline (a pack at a time: 20 minutes for 10 packs). Prune removes the
+            # packs and the stale lock later.
+            self._packs = {}
+            return
         self._discard_unindexed()
         try:
             self.backend.delete(self.lock_name)
@@ -1031,14 +1040,16 @@ class WriteSession:
         for pack_id in packs:
             try:
                 self.backend.delete(pack_name(pack_id))
+            except ObjectNotFound:
+                continue  # never uploaded
             except BackendError:
-                pass  # never uploaded (ObjectNotFound), or the store refuses now
+                return  # the store refuses now: the rest is prune's, not a wait for each
 
     def __enter__(self) -> WriteSession:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: object) -> None:
+        self.close(err)
 
 
 def iter_referenced(repo: Repository, snaps: list[SnapshotInfo]) -> Iterator[tuple[SnapshotInfo, bytes]]:
