@@ -337,6 +337,30 @@ def test_uncommitted_local_checkpoint_is_committed_by_the_next_process(tmp_path:
     assert r3 is not None and r3.source == "vault" and float(r3.state["w"][0]) == 3.0
 
 
+@pytest.mark.parametrize("ending", ["returns", "raises"])
+def test_a_save_in_flight_when_the_script_ends_is_finished(tmp_path: Path, ending: str) -> None:
+    # A script that ends, or dies of an exception (an OOM, a bug after the save), right
+    # after save(): the interpreter's shutdown refused the commit's uploads ("cannot
+    # schedule new futures after interpreter shutdown") and the newest checkpoint was lost.
+    script = (
+        "import sys, numpy, liferaft\n"
+        "ck = liferaft.Checkpointer('ck', vault=sys.argv[1], run='x')\n"
+        "ck.save(7, {'w': numpy.arange(20_000_000, dtype=numpy.float32)})\n"
+        "if sys.argv[2] == 'raises':\n"
+        "    raise RuntimeError('CUDA out of memory (simulated)')\n"
+    )
+    vault = str(tmp_path / "vault")
+    r = subprocess.run([sys.executable, "-c", script, vault, ending], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == (1 if ending == "raises" else 0), r.stderr
+    assert "failed in the background" not in r.stderr, r.stderr
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    restored = liferaft.Checkpointer(fresh / "ck", vault=vault, run="x").restore()
+    assert restored is not None and restored.step == 7 and restored.source == "vault"
+    w = restored.state["w"]
+    assert w.shape == (20_000_000,) and w[:3].tolist() == [0.0, 1.0, 2.0] and w[-1] == w.dtype.type(19_999_999)
+
+
 def test_saving_a_step_again_replaces_it(tmp_path: Path) -> None:
     ck = make_ck(tmp_path)
     ck.save(5, {"w": torch.zeros(3)})

@@ -15,11 +15,30 @@ import functools
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 HOUR = 3600.0
+
+
+def register_exit_hook(fn: Callable[[], object]) -> None:
+    """Run ``fn`` when the interpreter exits, while background work can still be started.
+
+    threading's exit hooks run (newest first) before concurrent.futures refuses new work
+    at shutdown, which a final snapshot's uploads need; plain atexit runs after that."""
+    import threading
+
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(fn)
+            return
+        except RuntimeError:
+            pass
+    import atexit
+
+    atexit.register(fn)
 
 
 def hostname() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import operator
 import os
 import pickle
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..config import default_run_name
 from ..errors import LiferaftError, VaultCorrupt, VaultUnreachable
+from ..platform import register_exit_hook
 from ..vault.format import check_run_name
 from . import folder as fs
 from .retention import Policy, select_keep
@@ -114,6 +116,22 @@ def _await(fut: Future[None], timeout: float | None) -> bool:
             return False
         raise  # e.g. KeyboardInterrupt while waiting: never swallowed
     return True
+
+
+def _finish_at_exit(ref: weakref.ReferenceType[Checkpointer]) -> None:
+    """The script ends (or dies of an exception) while saves are in flight: finish them,
+    while uploads can still start. Without this the newest checkpoint, written locally
+    but not committed, was lost with the machine."""
+    ck = ref()
+    if ck is None or ck._closed:
+        return
+    pending = sum(not f.done() for f in ck._inflight)
+    if pending:
+        print(f"liferaft: finishing {pending} checkpoint save{'s' if pending > 1 else ''} before exit", file=sys.stderr, flush=True)
+    try:
+        ck.close()
+    except LiferaftError:
+        pass  # kept in ck._error, reported by _report_at_exit
 
 
 def _report_at_exit(ref: weakref.ReferenceType[Checkpointer]) -> None:
@@ -231,6 +249,7 @@ class Checkpointer:
         self._closed = False
         self._naming.clean_work()
         atexit.register(_report_at_exit, weakref.ref(self))
+        register_exit_hook(functools.partial(_finish_at_exit, weakref.ref(self)))
         weakref.finalize(self, self._executor.shutdown, wait=False)
 
     def __repr__(self) -> str:

@@ -18,6 +18,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from ..errors import LiferaftError
+from ..platform import register_exit_hook
 from .keeper import KeptPath, RestoreOutcome, check_run_name, check_vault_outside, resolve_keeps, restore_kept
 from .signals import SignalHandlers
 from .syncer import NOTHING_YET, PassResult, Syncer, check_writable, ensure_vault
@@ -29,21 +30,6 @@ if TYPE_CHECKING:
 
 _lock = threading.Lock()
 _current: Raft | None = None
-
-
-def _register_exit_hook(fn: Any) -> None:
-    # threading's exit hooks run before concurrent.futures refuses new work at shutdown,
-    # which the final snapshot's uploads need; plain atexit runs after that.
-    register = getattr(threading, "_register_atexit", None)
-    if register is not None:
-        try:
-            register(fn)
-            return
-        except RuntimeError:
-            pass
-    import atexit
-
-    atexit.register(fn)
 
 
 class Raft:
@@ -145,7 +131,7 @@ class Raft:
         self._syncer.start()
         if threading.current_thread() is threading.main_thread():
             self._handlers = SignalHandlers((signal.SIGTERM,), self._on_sigterm)
-        _register_exit_hook(self._at_exit)
+        register_exit_hook(self._at_exit)
 
     def sync(self, *, step: int | None = None, metrics: dict[str, Any] | None = None, timeout: float | None = None) -> SnapshotInfo:
         """Snapshot the kept paths now (if something changed) and wait for the commit.
