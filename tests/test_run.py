@@ -515,3 +515,24 @@ def test_unreachable_bucket_fails_before_the_command_starts(tmp_path: Path, moto
     line = _one_error_line(r.stderr)
     assert "the command was not started" in line and "--offline-ok" in line
     assert not (tmp_path / "started").exists()
+
+
+def test_a_checkpointer_under_liferaft_run_joins_its_run(tmp_path: Path, local_vault: str) -> None:
+    # The command sees LIFERAFT_RUN: a Checkpointer (and a snapshot) there names no run
+    # and lands in the supervisor's run, not in one named after the working folder.
+    work = tmp_path / "work"
+    work.mkdir()
+    script = (
+        "import liferaft\n"
+        "ck = liferaft.Checkpointer('checkpoints')\n"
+        "ck.save(5, {'step': 5})\n"
+        "ck.close()\n"
+        "liferaft.Vault().snapshot(['notes.txt'])\n"
+    )
+    (work / "notes.txt").write_text("n")
+    r = cli("--vault", local_vault, "run", "--run", "mnist", "--keep", "checkpoints", "--", sys.executable, "-c", script, cwd=work)
+    assert r.returncode == 0, r.stderr
+    snaps = liferaft.Vault(local_vault).snapshots()
+    assert {s.run for s in snaps} == {"mnist"}, [(s.run, s.tags) for s in snaps]
+    assert [s.step for s in snaps if s.tags.get("liferaft.kind") == "checkpoint"] == [5]
+    assert any(s.roots and s.roots[0]["name"] == "notes.txt" for s in snaps)

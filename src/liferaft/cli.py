@@ -141,7 +141,7 @@ def _run_option(ctx: click.Context, param: click.Parameter, value: str | None) -
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--run", callback=_run_option, help="Run name (default: the working folder's name).")
+@click.option("--run", callback=_run_option, help="Run name (default: LIFERAFT_RUN, liferaft.toml, the working folder's name).")
 @click.option("--step", type=int, help="Training step this snapshot holds.")
 @click.option("--tag", "tags", multiple=True, metavar="K=V", help="Tag (repeatable).")
 @click.option("--metric", "metric_args", multiple=True, metavar="K=V", help="Numeric metric (repeatable).")
@@ -240,7 +240,11 @@ def snapshots(ctx: Ctx, run: str | None) -> None:
 
 @main.command()
 @click.argument("snapshot_id", required=False, metavar="[ID]")
-@click.option("--run", callback=_run_option, help="Newest valid snapshot of this run (default: the working folder's name).")
+@click.option(
+    "--run",
+    callback=_run_option,
+    help="Newest valid snapshot of this run (default: LIFERAFT_RUN, liferaft.toml, the working folder's name).",
+)
 @click.option("--to", "to", type=click.Path(), help="Restore into this folder (each saved path as DIR/NAME) instead of in place.")
 @click.option("--force", is_flag=True, help="Replace files newer than the snapshot's version of them (refused without it).")
 @common(data=True)

@@ -134,7 +134,12 @@ def _toml_vault(cwd: Path | None) -> VaultChoice | None:
 
 
 def default_run_name(cwd: Path | None = None) -> str:
-    """A run is named after the working folder unless given: ``~/mnist`` → ``mnist``."""
+    """The run name when none is given: ``LIFERAFT_RUN`` (``liferaft run`` sets it for its
+    command, so a Checkpointer or a snapshot there joins that run), ``run`` in
+    ``liferaft.toml``, else the working folder's name: ``~/mnist`` → ``mnist``."""
+    env = os.environ.get("LIFERAFT_RUN", "").strip()
+    if env:
+        return env
     _, settings = project_settings(cwd)
     run = settings.get("run")
     if run:

@@ -156,7 +156,8 @@ class Checkpointer:
     directory
         The local checkpoints folder.
     run
-        The run name in the vault (default: from ``liferaft.toml`` or the working folder).
+        The run name in the vault (default: ``LIFERAFT_RUN``, which ``liferaft run`` sets,
+        then ``liferaft.toml``, then the working folder's name).
     vault
         A :class:`liferaft.Vault`, a vault URL or path, None for the usual choice
         (``LIFERAFT_VAULT``, ``liferaft.toml``, the default folder), or False for local

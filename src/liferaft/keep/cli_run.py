@@ -15,7 +15,7 @@ from ..errors import LiferaftError
 )
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="-- COMMAND...")
 @click.option("--keep", "keep", multiple=True, metavar="PATH", help="File or folder to keep (repeatable), e.g. checkpoints.")
-@click.option("--run", "run_name", metavar="NAME", help="Run name (default: the working folder's name).")
+@click.option("--run", "run_name", metavar="NAME", help="Run name (default: LIFERAFT_RUN, liferaft.toml, the working folder's name).")
 @click.option("--every", default="60", show_default=True, metavar="SECONDS", help="Snapshot interval (when something changed).")
 @click.option("--restarts", default=0, show_default=True, type=click.IntRange(min=0), help="Restart a failed command this many times.")
 @click.option(

@@ -275,7 +275,7 @@ def attach(
     keeps = resolve_keeps(keeps_in)
     the_vault = vault if isinstance(vault, Vault) else Vault(vault)
     check_vault_outside(keeps, the_vault)
-    run_name = check_run_name(run or os.environ.get("LIFERAFT_RUN") or default_run_name())
+    run_name = check_run_name(run or default_run_name())
     raft = Raft(the_vault, run_name, keeps, every_s, quiet=quiet, flush_timeout=flush_timeout)
     with _lock:
         if _current is not None and not _current.closed:  # another thread won the race

@@ -176,7 +176,7 @@ class Supervisor:
         opts = self.opts
         command = check_command(opts.command)
         keeps = resolve_keeps(opts.keep)
-        run = opts.run or os.environ.get("LIFERAFT_RUN") or default_run_name()
+        run = opts.run or default_run_name()
         if opts.every <= 0:
             raise LiferaftError(f"--every {opts.every:g} must be more than 0 seconds", "e.g. --every 60")
         if opts.grace < 0:
