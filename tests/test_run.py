@@ -536,3 +536,29 @@ def test_a_checkpointer_under_liferaft_run_joins_its_run(tmp_path: Path, local_v
     assert {s.run for s in snaps} == {"mnist"}, [(s.run, s.tags) for s in snaps]
     assert [s.step for s in snaps if s.tags.get("liferaft.kind") == "checkpoint"] == [5]
     assert any(s.roots and s.roots[0]["name"] == "notes.txt" for s in snaps)
+
+
+def test_the_default_vault_on_a_runtime_that_vanishes_is_warned_about(tmp_path: Path) -> None:
+    # On Colab or Kaggle the embedded default vault sits on the runtime's own disk: a run
+    # "kept" there is lost by the very reset it is meant to survive. Colab's own modules
+    # do not exist here: the platform is told by the variable Colab sets (a fake, said so).
+    work = tmp_path / "work"
+    work.mkdir()
+    home = tmp_path / "home"
+    env = {"COLAB_RELEASE_TAG": "release-colab_20261101-060135_RC00", "HOME": str(home), "XDG_DATA_HOME": str(home / "data")}
+    env = {**{k: v for k, v in os.environ.items() if k not in ("LIFERAFT_VAULT", "XDG_DATA_HOME")}, **env}
+    warning = f"the vault is the default folder {home / 'data' / 'liferaft' / 'vault'}, on Google Colab's own disk, which is lost"
+    fix = "a mounted Google Drive folder such as /content/drive/MyDrive/liferaft, or a gs:// or s3:// bucket"
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, *argv], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+
+    r = run("-m", "liferaft", "run", "--time-limit", "off", "--keep", "ck", "--", "true")
+    assert r.returncode == 0 and f"liferaft: warning: {warning}" in r.stderr and fix in r.stderr, r.stderr
+    r = run("-c", "import liferaft; liferaft.Checkpointer('ck', run='c')")
+    assert r.returncode == 0 and f"CheckpointWarning: liferaft: {warning}" in r.stderr, r.stderr
+    r = run("-c", "import liferaft; liferaft.attach('ck', run='a', quiet=True).close()")
+    assert r.returncode == 0 and f"liferaft: warning: {warning}" in r.stderr, r.stderr
+    # a vault of one's own: no warning
+    r = run("-m", "liferaft", "--vault", str(tmp_path / "v"), "run", "--time-limit", "off", "--keep", "ck", "--", "true")
+    assert r.returncode == 0 and "own disk" not in r.stderr, r.stderr

@@ -98,6 +98,23 @@ class Vault:
             self._repo = Repository.open(self.backend, create=create)
         return self._repo
 
+    def lost_with_the_machine(self) -> str | None:
+        """A warning when this is the embedded default vault on a platform whose disk goes
+        with its session (Colab, Kaggle, a SkyPilot job's VM), else None: there a run
+        "kept" in it is lost by exactly the reset it was meant to survive."""
+        if not self.choice.is_default:
+            return None
+        from .platform import detect
+
+        platform = detect()
+        if platform.name == "local" or platform.persistent_home:
+            return None
+        return (
+            f"the vault is the default folder {self.url}, on {platform.label}'s own disk, which is lost with the machine; "
+            "choose one that outlives it (a mounted Google Drive folder such as /content/drive/MyDrive/liferaft, "
+            "or a gs:// or s3:// bucket) with --vault, vault=, LIFERAFT_VAULT or liferaft.toml"
+        )
+
     def _readable(self, *, missing_ok: bool = False) -> Repository | None:
         """The repository, or None for a default vault nobody has written yet.
 

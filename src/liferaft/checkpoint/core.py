@@ -234,6 +234,9 @@ class Checkpointer:
             from ..api import Vault
 
             self.vault = vault if isinstance(vault, Vault) else Vault(vault)
+            lost = self.vault.lost_with_the_machine()
+            if lost:
+                warnings.warn(f"liferaft: {lost}", CheckpointWarning, stacklevel=2)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="liferaft-checkpoint")
         self._inflight: list[Future[None]] = []
         self._lock = threading.Lock()

@@ -112,6 +112,9 @@ class Raft:
 
     def _start(self, *, force: bool) -> None:
         ensure_vault(self.vault)
+        lost = self.vault.lost_with_the_machine()
+        if lost:
+            self._warn(lost)
         # Before anything is restored: a read-only mount or credentials that may only read
         # would otherwise fail every background snapshot, one warning an interval.
         check_writable(self.vault, other="vault=")

@@ -193,6 +193,9 @@ class Supervisor:
         check_run_name(run)
         vault = Vault(opts.vault)
         check_vault_outside(keeps, vault)
+        lost = vault.lost_with_the_machine()
+        if lost:
+            self.warn(lost)
         snaps = self._check_vault(vault, run)
         self.say(
             f"run {run!r} → {vault.url}; keeping {', '.join(k.arg for k in keeps)}; "
