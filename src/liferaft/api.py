@@ -160,7 +160,7 @@ class Vault:
         from .vault.snapshot import take_snapshot
 
         progress = progress if progress is not None else auto_progress()
-        try:
+        with progress:  # on any exit, Ctrl-C included: no live bar left on screen, nor "done"
             return take_snapshot(
                 repo,
                 list(paths),
@@ -173,11 +173,6 @@ class Vault:
                 skip_unchanged=skip_unchanged,
                 use_cache=use_cache,
             )
-        except BaseException:
-            progress.abort()  # Ctrl-C or a failure: no live bar left on screen, nor "done"
-            raise
-        finally:
-            progress.finish()
 
     @_store_errors("listing snapshots")
     def snapshots(self, run: str | None = None, *, missing_ok: bool = False, damaged: list[str] | None = None) -> list[SnapshotInfo]:

@@ -84,11 +84,11 @@ def main(ctx: click.Context, vault_url: str | None, quiet: bool, as_json: bool) 
     obj.vault_url = vault_url
     obj.quiet = quiet
     obj.json = as_json
-    sub = main.commands.get(ctx.invoked_subcommand or "") if as_json else None
-    if sub is not None and not any(p.name == "as_json" for p in sub.params):
+    sub = ctx.invoked_subcommand
+    data = sorted(n for n, c in main.commands.items() if any(p.name == "as_json" for p in c.params)) if as_json else []
+    if as_json and sub is not None and sub not in data:
         # Ignored, a script would parse a log line as JSON and fail far from the cause.
-        data = sorted(n for n, c in main.commands.items() if any(p.name == "as_json" for p in c.params))
-        raise LiferaftError(f"liferaft {sub.name} has no --json output (it prints a log)", f"drop --json; it works with {', '.join(data)}")
+        raise LiferaftError(f"liferaft {sub} has no --json output (it prints a log)", f"drop --json; it works with {', '.join(data)}")
 
 
 def _shown(value: object) -> str:

@@ -480,12 +480,8 @@ def _fill(
             seg.append(item)
         if seg:
             work.append((pack_id, seg))
-    try:
+    with progress:  # Ctrl-C or a failure: stopped, not "done"
         parallel_map(do_segment, work, workers, "liferaft-restore")
-    except BaseException:
-        progress.abort()  # Ctrl-C or a failure: not "done"
-        raise
-    progress.finish()
 
 
 def _record_cache(repo: Repository, dests: dict[str, Path], files: list[fmt.Entry], stats: list[os.stat_result | None]) -> None:

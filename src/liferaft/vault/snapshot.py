@@ -441,25 +441,23 @@ def take_snapshot(
                 entries.append(entry)
                 continue
             blobs = blobs_of[i]
+            cached: list[str] | str
             if item.secret:
                 walk.secrets.append(item.abspath)
-                assert item.st is not None
-                root_name, _, rel = entry.path.partition("/")
-                if max(item.st.st_mtime_ns, item.st.st_ctime_ns) < racy_after:
-                    new_cache[root_name][rel or "."] = [*stat_key(item.st), SECRET]
-                continue
-            if blobs is None:
+                cached = SECRET  # left out, and known as such while it does not change
+            elif blobs is None:
                 changed.append(entry.path)
                 prev = previous_version(entry.path)
                 if prev is not None and all(session.has(bytes.fromhex(b)) for b in prev.blobs):
                     entries.append(prev)
                 continue
-            entry.blobs = blobs
-            entries.append(entry)
-            assert item.st is not None  # the version read, when it was read
+            else:
+                entry.blobs = cached = blobs
+                entries.append(entry)
+            assert item.st is not None  # the version read (or judged), when it was
             root_name, _, rel = entry.path.partition("/")
             if max(item.st.st_mtime_ns, item.st.st_ctime_ns) < racy_after:
-                new_cache[root_name][rel or "."] = [*stat_key(item.st), blobs]
+                new_cache[root_name][rel or "."] = [*stat_key(item.st), cached]
         progress.finish()
         tree = fmt.encode_tree(entries)
         tree_ids = [session.add(c, compress=True).hex() for c in _cut_tree(repo, tree)]
