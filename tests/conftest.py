@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,21 @@ import pytest
 from servers import NEEDS_CREATE_ONLY, cloud_vault, gcs_server, moto_server, rclone_server  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def machine(folder: Path) -> Iterator[Path]:
+    """Work from ``folder`` as the working folder of one machine.
+
+    A fresh machine has the same layout at another place: a checkpoints folder is known
+    in the vault by its path relative to the working folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    old = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield folder
+    finally:
+        os.chdir(old)
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,8 @@ import liferaft
 from liferaft.checkpoint import CheckpointSaveFailed, CheckpointWarning, ResumableSampler, capture_rng, restore_rng
 from liferaft.checkpoint.folder import MANIFEST
 from liferaft.checkpoint.state import PICKLE
-from liferaft.errors import LiferaftError
+from liferaft.errors import LiferaftError, VaultUnreachable
+from servers import free_port
 
 np = pytest.importorskip("numpy")
 torch = pytest.importorskip("torch")
@@ -226,9 +227,9 @@ def test_background_failure_raises_and_never_becomes_latest(tmp_path: Path) -> N
     ck = make_ck(tmp_path, keep_last=5)
     ck.save(1, {"w": torch.full((4,), 1.0)})
     ck.wait()
-    packs = tmp_path / "vault" / "packs"
-    packs.rename(tmp_path / "packs-aside")
-    packs.write_text("not a folder")  # every pack write now fails
+    work = tmp_path / "checkpoints" / ".liferaft"
+    shutil.rmtree(work)
+    work.write_text("not a folder")  # every local write now fails
     try:
         ck.save(2, {"w": torch.full((4,), 2.0)})
         with pytest.raises(CheckpointSaveFailed, match="step-2"):
@@ -238,13 +239,71 @@ def test_background_failure_raises_and_never_becomes_latest(tmp_path: Path) -> N
         with pytest.raises(CheckpointSaveFailed, match="step-3"):
             ck.save(4, {"w": torch.full((4,), 4.0)})  # the failure surfaces on the next save too
     finally:
-        packs.unlink()
-        (tmp_path / "packs-aside").rename(packs)
+        work.unlink()
     r = make_ck(tmp_path).restore()
     assert r is not None and r.step == 1
     ck.save(5, {"w": torch.full((4,), 5.0)})
     ck.wait()
     assert ck_steps(ck.vault) == [1, 5]
+
+
+def test_vault_outage_keeps_checkpoints_locally_and_commits_them_later(tmp_path: Path) -> None:
+    # A vault that cannot take writes (a bucket gone for longer than the retry deadline, a
+    # Drive mount gone): the checkpoints used to be deleted with the failed save, and the
+    # next save raised, stopping the training. Now they stay in the folder, training goes
+    # on, and they are committed once the vault is back.
+    ck = make_ck(tmp_path, keep_last=2)
+    ck.save(1, {"w": torch.full((4,), 1.0)})
+    ck.wait()
+    packs = tmp_path / "vault" / "packs"
+    packs.rename(tmp_path / "packs-aside")
+    packs.write_text("not a folder")  # every pack write now fails
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in (2, 3, 4):
+                ck.save(step, {"w": torch.full((4,), float(step))})  # no raise: training goes on
+            with pytest.raises(CheckpointSaveFailed, match=r"checkpoints step-2, step-3, step-4 are saved in .* only"):
+                ck.wait()
+        said = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
+        assert len(said) == 1 and "kept in" in said[0] and "step-2" in said[0], said  # once per outage
+        assert local_steps(tmp_path / "checkpoints") == [1, 2, 3, 4]  # nothing deleted while offline
+        assert ck_steps(ck.vault) == [1]
+        r = make_ck(tmp_path).restore()  # another process (a restart) takes the newest, local only
+        assert r is not None and r.step == 4 and r.source == "local"
+    finally:
+        packs.unlink()
+        (tmp_path / "packs-aside").rename(packs)
+    ck.wait()  # the vault is back: committed now
+    assert ck_steps(ck.vault) == [1, 2, 3, 4]
+    ck.save(5, {"w": torch.full((4,), 5.0)})
+    ck.close()
+    assert ck_steps(ck.vault) == [4, 5] and local_steps(tmp_path / "checkpoints") == [4, 5]
+    shutil.rmtree(tmp_path / "checkpoints")
+    r = make_ck(tmp_path).restore(4)
+    assert r is not None and r.source == "vault" and float(r.state["w"][0]) == 4.0
+
+
+def test_unreachable_vault_on_a_fresh_machine_is_an_error_not_a_first_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # restore() returned None ("first run") when the bucket could not be reached, so a
+    # fresh machine trained from step 0 beside the vault's checkpoints.
+    monkeypatch.setenv("LIFERAFT_RETRY_DEADLINE", "1")
+    for name, value in {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+    }.items():
+        monkeypatch.setenv(name, value)  # nothing listens there
+    ck = liferaft.Checkpointer(tmp_path / "checkpoints", run="test", vault="s3://bucket/vault")
+    with pytest.raises(VaultUnreachable, match=r"holds no checkpoint of run 'test'.*vault=False"):
+        ck.restore()
+    local = liferaft.Checkpointer(tmp_path / "checkpoints", run="test", vault=False)
+    local.save(3, {"w": torch.ones(2)})
+    local.close()
+    with pytest.warns(CheckpointWarning, match="cannot be reached.*checkpoints in .* only") as caught:
+        r = ck.restore()
+    assert r is not None and r.step == 3 and r.source == "local"
+    assert all(w.filename == __file__ for w in caught), [w.filename for w in caught]  # names the caller's line
 
 
 def test_unpicklable_state_is_refused_at_save(tmp_path: Path) -> None:
@@ -260,8 +319,10 @@ def test_bad_arguments_get_one_clear_line(tmp_path: Path) -> None:
         make_ck(tmp_path, keep_best=1)
     with pytest.raises(LiferaftError, match="mode="):
         make_ck(tmp_path, monitor="loss", mode="lowest")
-    with pytest.raises(LiferaftError, match="keep_last=0"):
+    with pytest.raises(LiferaftError, match="keep_last=0 would keep no checkpoint"):
         make_ck(tmp_path, keep_last=0)
+    with pytest.raises(LiferaftError, match=r"keep_last=2\.0 is not a whole number"):
+        make_ck(tmp_path, keep_last=2.0)
     ck = make_ck(tmp_path)
     with pytest.raises(LiferaftError, match="step must"):
         ck.save(-1, {})
@@ -285,6 +346,106 @@ def test_retention_keep_last_best_every_in_folder_and_vault(tmp_path: Path) -> N
     best = ck.restore(best=True)
     assert best is not None and best.step == 2 and best.metrics["val_loss"] == 0.2
     assert math.isnan(ck.restore().metrics["val_loss"])
+
+
+def test_a_misspelt_monitor_is_named_once(tmp_path: Path) -> None:
+    # monitor="val_acc" against metrics named "val_accuracy": keep_best kept nothing by it,
+    # and retention deleted the best checkpoint without a word.
+    ck = make_ck(tmp_path, monitor="val_acc", mode="max")
+    with pytest.warns(CheckpointWarning, match="no 'val_acc'.*did you mean 'val_accuracy'") as caught:
+        ck.save(1, {"w": torch.ones(2)}, metrics={"loss": 0.5, "val_accuracy": 0.8})
+    assert caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ck.save(2, {"w": torch.ones(2)}, metrics={"loss": 0.4, "val_accuracy": 0.9})  # once is enough
+        ck.close()
+    # A training-time metric beside a validation monitor (Keras saves mid-epoch) is no typo,
+    # but a whole run without the monitor is named at the end.
+    keras_like = make_ck(tmp_path, monitor="val_accuracy", mode="max")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        keras_like.save(3, {"w": torch.ones(2)}, metrics={"loss": 0.4, "accuracy": 0.9})
+    with pytest.warns(CheckpointWarning, match="no checkpoint saved had the metric 'val_accuracy' .they had: accuracy, loss"):
+        keras_like.close()
+    fine = make_ck(tmp_path, monitor="val_loss")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fine.save(4, {"w": torch.ones(2)}, metrics={"loss": 0.4})
+        fine.save(5, {"w": torch.ones(2)}, metrics={"loss": 0.3, "val_loss": 0.5})
+        fine.close()
+
+
+def test_saving_below_the_newest_step_warns(tmp_path: Path) -> None:
+    # A restart that forgot restore(): its checkpoints are older than the last run's, so
+    # retention deleted them one after another and restore() went back to the old run.
+    ck = make_ck(tmp_path)
+    for step in (100, 200, 300):
+        ck.save(step, {"w": torch.ones(2)})
+    ck.close()
+    again = make_ck(tmp_path)
+    again.save(1, {"w": torch.ones(2)})
+    with pytest.warns(CheckpointWarning, match="step-1 is older than step-300.*call restore.. first"):
+        again.wait()
+    resumed = make_ck(tmp_path)
+    r = resumed.restore()
+    assert r is not None and r.step == 300
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed.save(301, {"w": torch.ones(2)})
+        resumed.close()
+
+
+def test_two_checkpoint_folders_with_one_name_stay_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A sweep: runs/lr0.1/checkpoints and runs/lr0.01/checkpoints under one run name (the
+    # working folder's). Both were tagged liferaft.folder=checkpoints: the second resumed
+    # from the first's weights and its retention forgot the first's steps.
+    monkeypatch.chdir(tmp_path)
+    vault = liferaft.Vault(tmp_path / "vault")
+    a = liferaft.Checkpointer("runs/lr0.1/checkpoints", run="sweep", vault=vault, keep_last=1)
+    a.save(500, {"w": torch.full((2,), 0.1)})
+    a.close()
+    b = liferaft.Checkpointer("runs/lr0.01/checkpoints", run="sweep", vault=vault, keep_last=1)
+    with pytest.warns(
+        CheckpointWarning, match=r"no checkpoint of runs/lr0\.01/checkpoints .* only of runs/lr0\.1/checkpoints; starting afresh"
+    ):
+        assert b.restore() is None
+    b.save(10, {"w": torch.full((2,), 0.01)})
+    b.save(20, {"w": torch.full((2,), 0.01)})
+    b.close()
+    tags = sorted((s.step, s.tags["liferaft.folder"]) for s in vault.snapshots(run="sweep"))
+    assert tags == [(20, "runs/lr0.01/checkpoints"), (500, "runs/lr0.1/checkpoints")]
+    # A fresh machine with the same layout elsewhere (another working folder) finds each.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    monkeypatch.chdir(fresh)
+    ra = liferaft.Checkpointer("runs/lr0.1/checkpoints", run="sweep", vault=vault).restore()
+    rb = liferaft.Checkpointer("runs/lr0.01/checkpoints", run="sweep", vault=vault).restore()
+    assert ra is not None and ra.step == 500 and ra.source == "vault" and float(ra.state["w"][0]) == pytest.approx(0.1)
+    assert rb is not None and rb.step == 20 and rb.source == "vault"
+
+
+def test_checkpoints_tagged_with_the_folder_name_alone_are_still_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Vaults written before the tag held the relative path: liferaft.folder=<base name>.
+    # Such a snapshot is this folder's when it was taken from this very folder.
+    monkeypatch.chdir(tmp_path)
+    vault = liferaft.Vault(tmp_path / "vault")
+    for name in ("a", "b"):
+        ck = liferaft.Checkpointer(f"{name}/checkpoints", run="old", vault=vault)
+        ck.save(7 if name == "a" else 9, {"w": torch.ones(2)})
+        ck.close()
+        info = next(s for s in vault.snapshots(run="old") if s.tags["liferaft.folder"] == f"{name}/checkpoints")
+        vault.snapshot(
+            [tmp_path / name / "checkpoints" / f"step-{info.step}"],
+            run="old",
+            step=info.step,
+            tags={**info.tags, "liferaft.folder": "checkpoints"},
+        )
+        vault.forget_ids([info.id])
+    ra = liferaft.Checkpointer("a/checkpoints", run="old", vault=vault).restore()
+    assert ra is not None and ra.step == 7
+    shutil.rmtree(tmp_path / "b" / "checkpoints")
+    rb = liferaft.Checkpointer("b/checkpoints", run="old", vault=vault).restore()
+    assert rb is not None and rb.step == 9 and rb.source == "vault"
 
 
 def test_retention_never_deletes_the_checkpoint_resumed_from(tmp_path: Path) -> None:
@@ -359,6 +520,20 @@ def test_a_save_in_flight_when_the_script_ends_is_finished(tmp_path: Path, endin
     assert restored is not None and restored.step == 7 and restored.source == "vault"
     w = restored.state["w"]
     assert w.shape == (20_000_000,) and w[:3].tolist() == [0.0, 1.0, 2.0] and w[-1] == w.dtype.type(19_999_999)
+
+
+def test_a_save_that_fails_as_the_script_ends_is_reported(tmp_path: Path) -> None:
+    # The exit hook closed the Checkpointer and swallowed its error: exit 0, not a word.
+    script = (
+        "import sys, pathlib, numpy, liferaft\n"
+        "ck = liferaft.Checkpointer('ck', vault='vault', run='x')\n"
+        "ck.save(1, {'w': numpy.ones(3)}); ck.wait()\n"
+        "packs = pathlib.Path('vault/packs'); packs.rename('aside'); packs.write_text('not a folder')\n"
+        "ck.save(2, {'w': numpy.ones(3)})\n"
+    )
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert "liferaft: checkpoint step-2 is saved in" in r.stderr and "only" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and (tmp_path / "ck" / "step-2" / MANIFEST).exists()
 
 
 def test_saving_a_step_again_replaces_it(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import liferaft
+from conftest import machine
 from liferaft.checkpoint import CheckpointDamaged, CheckpointWarning
 from liferaft.checkpoint.folder import MANIFEST
 
@@ -57,8 +58,10 @@ def check_state(r, step: int) -> None:
 def start_child(tmp_path: Path) -> subprocess.Popen[str]:
     script = tmp_path / "child.py"
     script.write_text(CHILD)
+    (tmp_path / "m1").mkdir(exist_ok=True)
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path / "m1" / "checkpoints"), str(tmp_path / "vault")],
+        [sys.executable, str(script), "checkpoints", str(tmp_path / "vault")],
+        cwd=tmp_path / "m1",
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -113,11 +116,13 @@ def test_sigkill_while_writing_restores_the_previous_checkpoint(tmp_path: Path) 
     assert any(n.startswith(f"tmp-{proc.pid}-") for n in os.listdir(work))  # its half-written folder
 
     # Same machine, new process: the previous checkpoint, verified; the garbage is cleared.
-    ck = liferaft.Checkpointer(folder, run="crash", vault=str(tmp_path / "vault"))
+    with machine(tmp_path / "m1"):
+        ck = liferaft.Checkpointer("checkpoints", run="crash", vault=str(tmp_path / "vault"))
     assert not any(n.startswith(f"tmp-{proc.pid}-") for n in os.listdir(work))
     check_state(ck.restore(), k - 1)
     # Fresh machine: nothing local, the vault has it (saves are committed in order).
-    fresh = liferaft.Checkpointer(tmp_path / "m2" / "checkpoints", run="crash", vault=str(tmp_path / "vault"))
+    with machine(tmp_path / "m2"):
+        fresh = liferaft.Checkpointer("checkpoints", run="crash", vault=str(tmp_path / "vault"))
     r = fresh.restore()
     check_state(r, k - 1)
     assert r.source == "vault"
@@ -135,9 +140,11 @@ def test_sigkill_while_committing_keeps_the_local_checkpoint_and_commits_it_late
         return None
 
     k = kill_when(proc, committing)
-    ck = liferaft.Checkpointer(folder, run="crash", vault=vault, keep_last=3)
+    with machine(tmp_path / "m1"):
+        ck = liferaft.Checkpointer("checkpoints", run="crash", vault=vault, keep_last=3)
     check_state(ck.restore(), k)  # complete on local disk: it verifies
-    fresh = liferaft.Checkpointer(tmp_path / "m2" / "checkpoints", run="crash", vault=vault)
+    with machine(tmp_path / "m2"):
+        fresh = liferaft.Checkpointer("checkpoints", run="crash", vault=vault)
     r = fresh.restore()
     assert r is not None and r.step in (k - 1, k)  # k only if its commit landed before the kill
     check_state(r, r.step)
@@ -145,7 +152,8 @@ def test_sigkill_while_committing_keeps_the_local_checkpoint_and_commits_it_late
     ck.save(k + 1, {"a": np.full(4, k + 1.0, dtype=np.float32), "b": np.full(4, -(k + 1.0)), "c": np.full(4, 2.0 * (k + 1)), "step": k + 1})
     ck.wait()
     shutil.rmtree(tmp_path / "m2")
-    again = liferaft.Checkpointer(tmp_path / "m2" / "checkpoints", run="crash", vault=vault)
+    with machine(tmp_path / "m2"):
+        again = liferaft.Checkpointer("checkpoints", run="crash", vault=vault)
     check_state(again.restore(k), k)
 
 

@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 import liferaft  # noqa: E402
+from conftest import machine  # noqa: E402
 from liferaft.checkpoint.folder import MANIFEST  # noqa: E402
 from liferaft.checkpoint.hf import LiferaftCallback, resume_from_checkpoint  # noqa: E402
 from liferaft.errors import LiferaftError  # noqa: E402
@@ -78,7 +79,8 @@ def test_trainer_checkpoints_go_to_the_vault_and_resume_exactly(tmp_path: Path) 
 
     vault = str(tmp_path / "vault")
     out = tmp_path / "m1" / "out"
-    ck = liferaft.Checkpointer(out, run="hf", vault=vault, prefix="checkpoint-", keep_last=2)
+    with machine(tmp_path / "m1"):
+        ck = liferaft.Checkpointer("out", run="hf", vault=vault, prefix="checkpoint-", keep_last=2)
     assert resume_from_checkpoint(ck) is None  # first run: None, where the Trainer's True would raise
     with pytest.raises(KeyboardInterrupt):
         run(out, 0, [LiferaftCallback(ck), Crash(at=6)])
@@ -91,7 +93,8 @@ def test_trainer_checkpoints_go_to_the_vault_and_resume_exactly(tmp_path: Path) 
 
     out2 = tmp_path / "m2" / "out"
     (out2 / "checkpoint-99").mkdir(parents=True)  # a folder the Trainer died writing: no manifest
-    ck2 = liferaft.Checkpointer(out2, run="hf", vault=vault, prefix="checkpoint-", keep_last=2)
+    with machine(tmp_path / "m2"):
+        ck2 = liferaft.Checkpointer("out", run="hf", vault=vault, prefix="checkpoint-", keep_last=2)
     path = resume_from_checkpoint(ck2)
     assert path == str(out2 / "checkpoint-4")
     second = run(out2, 123, [LiferaftCallback(ck2)], resume=path)

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import liferaft
+from conftest import machine
 from liferaft.checkpoint import select_keep
 from liferaft.checkpoint.folder import MANIFEST, Naming, write_checkpoint
 from liferaft.checkpoint.retention import Policy
@@ -81,7 +82,8 @@ def test_retention_over_random_save_crash_restore_sequences(policy: dict, sequen
         vault_url = str(root / "vault")
 
         def new() -> liferaft.Checkpointer:
-            return liferaft.Checkpointer(folder, run=RUN, vault=vault_url, monitor="m", mode="min", **policy)
+            with machine(root / "m1"):
+                return liferaft.Checkpointer("checkpoints", run=RUN, vault=vault_url, monitor="m", mode="min", **policy)
 
         existing: dict[int, float | None] = {}
         uncommitted: set[int] = set()
@@ -144,7 +146,8 @@ def test_retention_over_random_save_crash_restore_sequences(policy: dict, sequen
             assert vault_steps(ck.vault) == sorted(set(existing) - uncommitted), (kind, policy)
         ck.close()
         committed = set(existing) - uncommitted
-        fresh = liferaft.Checkpointer(root / "m2" / "checkpoints", run=RUN, vault=vault_url, monitor="m")
+        with machine(root / "m2"):
+            fresh = liferaft.Checkpointer("checkpoints", run=RUN, vault=vault_url, monitor="m")
         r = fresh.restore()
         if committed:
             assert r is not None and r.step == max(committed) and float(r.state["w"][0]) == r.step

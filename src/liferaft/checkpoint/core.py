@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import atexit
+import difflib
 import functools
 import operator
 import os
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..config import default_run_name
-from ..errors import LiferaftError, VaultCorrupt, VaultUnreachable
+from ..errors import LiferaftError, VaultCorrupt, VaultFull, VaultUnreachable
 from ..platform import register_exit_hook
 from ..vault.format import check_run_name
 from . import folder as fs
@@ -118,6 +118,31 @@ def _await(fut: Future[None], timeout: float | None) -> bool:
     return True
 
 
+def folder_identity(directory: Path) -> str:
+    """How a checkpoints folder is known in the vault (its ``liferaft.folder`` tag).
+
+    The path relative to the working folder (``checkpoints``, ``runs/lr0.1/checkpoints``),
+    else relative to the home folder (``~/ckpt``), else absolute: the same on a fresh
+    machine with the same layout, and different for two folders of one run (a sweep
+    writing ``runs/*/checkpoints`` under one run name must not take another's weights).
+    """
+    for base, lead in ((Path(os.getcwd()), ""), (Path.home(), "~/")):
+        try:
+            rel = directory.relative_to(base).as_posix()
+        except ValueError:
+            continue
+        return lead + rel if rel != "." else directory.name or "/"
+    return directory.as_posix()
+
+
+def _same_tail(a: str, b: str) -> bool:
+    """True when one folder path ends with the other, by whole names (``ck`` and ``/content/ck``)."""
+    pa = [p for p in a.removeprefix("~/").split("/") if p]
+    pb = [p for p in b.removeprefix("~/").split("/") if p]
+    n = min(len(pa), len(pb))
+    return n > 0 and pa[-n:] == pb[-n:]
+
+
 def _finish_at_exit(ref: weakref.ReferenceType[Checkpointer]) -> None:
     """The script ends (or dies of an exception) while saves are in flight: finish them,
     while uploads can still start. Without this the newest checkpoint, written locally
@@ -130,15 +155,19 @@ def _finish_at_exit(ref: weakref.ReferenceType[Checkpointer]) -> None:
         print(f"liferaft: finishing {pending} checkpoint save{'s' if pending > 1 else ''} before exit", file=sys.stderr, flush=True)
     try:
         ck.close()
-    except LiferaftError:
-        pass  # kept in ck._error, reported by _report_at_exit
+    except LiferaftError as err:  # nobody is left to catch it: say it
+        print(f"liferaft: {err}", file=sys.stderr, flush=True)
 
 
-def _report_at_exit(ref: weakref.ReferenceType[Checkpointer]) -> None:
-    ck = ref()
-    if ck is not None and ck._error is not None:
-        step, err = ck._error
-        print(f"liferaft: saving checkpoint {ck._naming.name(step)} failed in the background: {err}", file=sys.stderr)
+def _stacklevel() -> int:
+    """The stacklevel of the first frame outside liferaft, so a warning names the user's line."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    if frame is None or frame.f_code.co_filename.endswith(("threading.py", "thread.py")):
+        return 1  # a background save: no line of the user's to name
+    return level
 
 
 class Checkpointer:
@@ -226,7 +255,7 @@ class Checkpointer:
         self.prune = prune
         self.allow_pickle = allow_pickle
         self._naming = fs.Naming(self.directory, prefix)
-        self._folder_tag = self.directory.name
+        self._folder_tag = folder_identity(self.directory)
         self.vault: Vault | None
         if vault is False:
             self.vault = None
@@ -249,10 +278,13 @@ class Checkpointer:
         self._damaged_local: set[int] = set()
         self._damaged_snaps: set[str] = set()
         self._caught_up = self.vault is None
+        self._local_only: set[int] = set()  # saved here while the vault could not be reached
+        self._monitor_seen = False
+        self._other_folders: list[str] = []  # checkpoint folders of this run in the vault that are not this one
+        self._metrics_seen: set[str] = set()
         self._warned: set[str] = set()
         self._closed = False
         self._naming.clean_work()
-        atexit.register(_report_at_exit, weakref.ref(self))
         register_exit_hook(functools.partial(_finish_at_exit, weakref.ref(self)))
         weakref.finalize(self, self._executor.shutdown, wait=False)
 
@@ -292,6 +324,7 @@ class Checkpointer:
         self._check_open()
         step = _check_step(step)
         clean = _check_metrics(metrics)
+        self._check_monitor(clean)
         self._throttle(self.max_pending - 1)
         pool = self._take_pool()
         try:
@@ -313,6 +346,7 @@ class Checkpointer:
         self._check_open()
         step = _check_step(step)
         clean = _check_metrics(metrics)
+        self._check_monitor(clean)
         target = self._naming.path(step)
         source = Path(os.path.abspath(os.fspath(folder))) if folder is not None else target
         if not source.is_dir():
@@ -328,8 +362,17 @@ class Checkpointer:
     def wait(self, timeout: float | None = None) -> None:
         """Wait until every background save is written and committed; raise if one failed.
 
+        A checkpoint saved while the vault could not be reached (kept in the folder, with a
+        warning) is committed now; if the vault still cannot be reached, this raises
+        :class:`CheckpointSaveFailed` naming it.
+
         >>> ck.wait()     # e.g. before the notebook's runtime goes away      # doctest: +SKIP
         """
+        self._drain(timeout)
+        if self._local_only:
+            self._commit_local_only()
+
+    def _drain(self, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         for fut in list(self._inflight):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -338,11 +381,30 @@ class Checkpointer:
         self._prune_done()
         self._raise_error()
 
+    def _commit_local_only(self) -> None:
+        """Commit what was saved while the vault could not be reached; raise if it still cannot be."""
+        try:
+            with self._vault_lock:
+                self._catch_up(exclude=None)
+        except (VaultUnreachable, VaultFull) as err:
+            names = ", ".join(self._naming.name(s) for s in sorted(self._local_only))
+            what = f"checkpoints {names} are" if len(self._local_only) > 1 else f"checkpoint {names} is"
+            raise CheckpointSaveFailed(
+                f"{what} saved in {self.directory} only: the vault cannot take them ({err.what})",
+                "call wait() again once it can; the next save, or the next run's first save, commits them",
+            ) from None
+        self._local_only.clear()
+
     def close(self) -> None:
-        """Wait for background saves, stop the worker and free the staging memory."""
+        """Wait for background saves, stop the worker and free the staging memory.
+
+        Raises if a save failed, or if a checkpoint saved while the vault could not be
+        reached still cannot be committed (it stays in the folder).
+        """
         if self._closed:
             return
         try:
+            self._warn_monitor_never_seen()
             self.wait()
         finally:
             self._closed = True
@@ -385,6 +447,44 @@ class Checkpointer:
             committed = m is None or any(s.tags.get(MANIFEST_TAG) == m.checksum for s in snaps)
             out.append(CheckpointInfo(step, dict(metrics), loc.folder if loc else None, snaps, committed or self.vault is None))
         return out
+
+    # ------------------------------------------------------------ metric checks
+
+    def _check_monitor(self, metrics: dict[str, float]) -> None:
+        """Warn once when saved metrics lack ``monitor`` but have a name close to it (a typo)."""
+        monitor = self.policy.monitor
+        if not monitor or not metrics:
+            return
+        if monitor in metrics:
+            self._monitor_seen = True
+            return
+        self._metrics_seen.update(metrics)
+        if "monitor" in self._warned:
+            return
+        # "accuracy" beside monitor="val_accuracy" is the training-time metric, not a typo
+        names = [k for k in metrics if not monitor.endswith("_" + k)]
+        near = [k for k in names if k.startswith(monitor) or monitor.startswith(k)]
+        near += difflib.get_close_matches(monitor, names, n=1, cutoff=0.75)
+        if near:
+            self._warned.add("monitor")
+            warnings.warn(
+                f"liferaft: the metrics have no {monitor!r}, the Checkpointer's monitor; did you mean {near[0]!r}? "
+                f"Retention ranks checkpoints by {monitor!r} only",
+                CheckpointWarning,
+                stacklevel=_stacklevel(),
+            )
+
+    def _warn_monitor_never_seen(self) -> None:
+        monitor = self.policy.monitor
+        if monitor and not self._monitor_seen and self._metrics_seen and "monitor" not in self._warned:
+            self._warned.add("monitor")
+            had = ", ".join(sorted(self._metrics_seen)[:6])
+            warnings.warn(
+                f"liferaft: no checkpoint saved had the metric {monitor!r} (they had: {had}), so keep_best kept none by it; "
+                "pass monitor= one of those names",
+                CheckpointWarning,
+                stacklevel=_stacklevel(),
+            )
 
     # ------------------------------------------------------------ background plumbing
 
@@ -445,7 +545,7 @@ class Checkpointer:
             self._inflight.append(fut)
 
     def _warn(self, message: str) -> None:
-        warnings.warn(f"liferaft: {message}", CheckpointWarning, stacklevel=3)
+        warnings.warn(f"liferaft: {message}", CheckpointWarning, stacklevel=_stacklevel())
 
     # ------------------------------------------------------------ background jobs
 
@@ -468,6 +568,18 @@ class Checkpointer:
         try:
             self._catch_up(exclude=step)
             self._commit(folder, manifest)
+        except (VaultUnreachable, VaultFull) as err:
+            # The checkpoint is whole on local disk: training goes on, and it is committed
+            # by the next save or wait() (deleting it would lose the newest state).
+            self._newest_good = step if self._newest_good is None else max(self._newest_good, step)
+            self._caught_up = False
+            if not self._local_only:
+                self._warn(
+                    f"the vault cannot take checkpoints ({err.what}); checkpoint {folder.name} is kept in {self.directory} "
+                    "only until it can, and committed by the next save or wait()"
+                )
+            self._local_only.add(step)
+            return
         except BaseException:
             # A failed save never becomes "latest": its folder goes (or, for a framework's
             # folder, its manifest, so it no longer counts as a checkpoint).
@@ -480,8 +592,9 @@ class Checkpointer:
                     pass
             raise
         self._newest_good = step if self._newest_good is None else max(self._newest_good, step)
+        self._local_only.clear()  # the catch-up committed them
         try:
-            self._retain()
+            self._retain(step)
         except LiferaftError as err:
             self._warn(f"retention after saving {folder.name} failed ({err}); it runs again after the next save")
 
@@ -501,7 +614,7 @@ class Checkpointer:
                 )
         return info
 
-    def _catch_up(self, exclude: int) -> None:
+    def _catch_up(self, exclude: int | None) -> None:
         """Commit local checkpoints a crashed process wrote but never committed (once per process)."""
         if self._caught_up:
             return
@@ -553,18 +666,52 @@ class Checkpointer:
             self._warn(f"the vault cannot be reached ({err.what}); using local checkpoints only")
             return {}
         out: dict[int, list[SnapshotInfo]] = {}
-        for s in snaps:
-            if s.tags.get(KIND_TAG) == "checkpoint" and s.tags.get(FOLDER_TAG) == self._folder_tag and isinstance(s.step, int):
-                out.setdefault(s.step, []).append(s)
+        for s in self._mine([s for s in snaps if s.tags.get(KIND_TAG) == "checkpoint" and isinstance(s.step, int)]):
+            out.setdefault(s.step, []).append(s)  # type: ignore[arg-type]
         for lst in out.values():
             lst.sort(key=lambda s: (s.time_ns, s.id))
         return out
 
+    def _mine(self, snaps: list[SnapshotInfo]) -> list[SnapshotInfo]:
+        """The checkpoint snapshots of this run that belong to this folder.
+
+        Those tagged with its identity (see :func:`folder_identity`), or written before the
+        tag held a path (``liferaft.folder=<base name>``) from this very folder. Failing
+        those, a fresh machine may see the same folder from another working folder: the
+        one folder whose path ends like this one's (``ck`` for ``/content/ck``), if only
+        one does.
+        """
+        mine = [s for s in snaps if s.tags.get(FOLDER_TAG) == self._folder_tag or self._legacy_here(s)]
+        self._other_folders = sorted({str(s.tags.get(FOLDER_TAG)) for s in snaps} - {self._folder_tag})
+        if mine or not snaps:
+            return mine
+        fits = {tag for s in snaps if isinstance(tag := s.tags.get(FOLDER_TAG), str) and _same_tail(tag, self._folder_tag)}
+        if len(fits) == 1:
+            return [s for s in snaps if s.tags.get(FOLDER_TAG) in fits]
+        return []
+
+    def _legacy_here(self, snap: SnapshotInfo) -> bool:
+        roots = snap.roots
+        return (
+            snap.tags.get(FOLDER_TAG) == self.directory.name
+            and len(roots) == 1
+            and isinstance(roots[0].get("source"), str)
+            and os.path.dirname(roots[0]["source"]) == str(self.directory)
+        )
+
     # ------------------------------------------------------------ retention
 
-    def _retain(self) -> None:
+    def _retain(self, saved: int) -> None:
         local = self._local()
         remote = self._remote(strict=True)
+        newest = max(set(local) | set(remote), default=saved)
+        if saved < newest and "older" not in self._warned:
+            self._warned.add("older")
+            self._warn(
+                f"checkpoint {self._naming.name(saved)} is older than {self._naming.name(newest)}, saved before for run "
+                f"{self.run!r}: retention keeps the newest steps, so it deletes the new ones first, and restore() takes "
+                f"{self._naming.name(newest)}; call restore() first to resume, or use another run name or folder to start over"
+            )
         protect: set[int] = set()
         if self._newest_good is not None:
             protect.add(self._newest_good)
@@ -633,9 +780,18 @@ class Checkpointer:
                 raise LiferaftError("restore(step=N) and best=True both given", "pass one of them")
         if best and not self.policy.monitor:
             raise LiferaftError("restore(best=True) needs a metric to rank by", 'create the Checkpointer with monitor="val_loss"')
-        self.wait()
+        self._drain()
         local = self._local()
-        remote = self._remote(strict=False)
+        try:
+            remote = self._remote(strict=True)
+        except VaultUnreachable as err:
+            if not local:
+                raise VaultUnreachable(
+                    f"the vault cannot be reached ({err.what}) and {self.directory} holds no checkpoint of run {self.run!r}",
+                    "check the network and credentials, then restore again (vault=False starts without the vault)",
+                ) from None
+            self._warn(f"the vault cannot be reached ({err.what}); using the checkpoints in {self.directory} only")
+            remote = {}
         steps = set(local) | set(remote)
         if step is not None:
             if step not in steps:
@@ -658,6 +814,12 @@ class Checkpointer:
         else:
             order = sorted(steps, reverse=True)
         if not order:
+            if self._other_folders:
+                self._warn(
+                    f"run {self.run!r} has no checkpoint of {self._folder_tag} in the vault, only of "
+                    f"{', '.join(self._other_folders[:4])}; starting afresh. To resume one of those, run from the "
+                    "working folder it was saved from (the paths are relative to it) or pass its path"
+                )
             return None
         fallbacks: list[str] = []
         for s in order:

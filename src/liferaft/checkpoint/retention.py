@@ -20,7 +20,9 @@ class Policy:
     keep_every: int | None = None
 
     def __post_init__(self) -> None:
-        if self.keep_last is not None and (isinstance(self.keep_last, bool) or not isinstance(self.keep_last, int) or self.keep_last < 1):
+        if self.keep_last is not None and (isinstance(self.keep_last, bool) or not isinstance(self.keep_last, int)):
+            raise LiferaftError(f"keep_last={self.keep_last!r} is not a whole number", "pass keep_last=3, or None to keep all")
+        if self.keep_last is not None and self.keep_last < 1:
             raise LiferaftError(f"keep_last={self.keep_last!r} would keep no checkpoint", "pass keep_last=1 or more, or None to keep all")
         if isinstance(self.keep_best, bool) or not isinstance(self.keep_best, int) or self.keep_best < 0:
             raise LiferaftError(f"keep_best={self.keep_best!r} is not a count", "pass keep_best=0 or more")
