@@ -15,6 +15,7 @@ if keras.backend.backend() != "torch":  # pragma: no cover - another test import
     pytest.skip("these tests run Keras on its torch backend", allow_module_level=True)
 
 import liferaft  # noqa: E402
+from conftest import machine  # noqa: E402
 from liferaft.checkpoint.keras import LiferaftCallback  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # Keras's own, numpy 2
@@ -65,14 +66,16 @@ def test_resume_mid_epoch_equals_uninterrupted_training(tmp_path: Path) -> None:
     assert len(full.losses) == 15
 
     vault = str(tmp_path / "vault")
-    ck = liferaft.Checkpointer(tmp_path / "m1" / "checkpoints", run="keras", vault=vault, keep_last=2, monitor="val_loss")
+    with machine(tmp_path / "m1"):
+        ck = liferaft.Checkpointer("checkpoints", run="keras", vault=vault, keep_last=2, monitor="val_loss")
     first = Record(stop_at=9)
     with pytest.raises(KeyboardInterrupt):
         model(0).fit(x, y, callbacks=[LiferaftCallback(ck, save_freq=2), first], **fit)
     ck.wait()
     shutil.rmtree(tmp_path / "m1")  # fresh machine
 
-    ck2 = liferaft.Checkpointer(tmp_path / "m2" / "checkpoints", run="keras", vault=vault, keep_last=2, monitor="val_loss")
+    with machine(tmp_path / "m2"):
+        ck2 = liferaft.Checkpointer("checkpoints", run="keras", vault=vault, keep_last=2, monitor="val_loss")
     second = Record()
     cb = LiferaftCallback(ck2, save_freq=2)
     resumed = model(123)  # other initial weights: all of it must come from the checkpoint

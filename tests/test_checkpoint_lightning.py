@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 pl = pytest.importorskip("lightning.pytorch")
 
 import liferaft  # noqa: E402
+from conftest import machine  # noqa: E402
 from liferaft.checkpoint.lightning import LiferaftLightning  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:lightning", "ignore::DeprecationWarning", "ignore::PendingDeprecationWarning")
@@ -70,7 +71,8 @@ def test_trainer_commits_checkpoints_and_resumes_from_the_vault(tmp_path: Path) 
     assert len(full.losses) == 12
 
     vault = str(tmp_path / "vault")
-    ck = liferaft.Checkpointer(tmp_path / "m1" / "checkpoints", run="pl", vault=vault, keep_last=1, monitor="val_loss")
+    with machine(tmp_path / "m1"):
+        ck = liferaft.Checkpointer("checkpoints", run="pl", vault=vault, keep_last=1, monitor="val_loss")
     cb = LiferaftLightning(ck)
     assert cb.resume_path() is None  # first run
     first = Tiny(0)
@@ -82,7 +84,8 @@ def test_trainer_commits_checkpoints_and_resumes_from_the_vault(tmp_path: Path) 
     assert not list((tmp_path / "m1").rglob("*.ckpt"))  # nothing went around liferaft
     shutil.rmtree(tmp_path / "m1")  # a fresh machine
 
-    ck2 = liferaft.Checkpointer(tmp_path / "m2" / "checkpoints", run="pl", vault=vault, keep_last=1, monitor="val_loss")
+    with machine(tmp_path / "m2"):
+        ck2 = liferaft.Checkpointer("checkpoints", run="pl", vault=vault, keep_last=1, monitor="val_loss")
     cb2 = LiferaftLightning(ck2)
     second = Tiny(42)  # other initial weights: they must come from the checkpoint
     t2 = trainer(tmp_path / "m2", 3, [cb2])

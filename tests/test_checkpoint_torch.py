@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import liferaft
+from conftest import machine
 from liferaft.checkpoint import ResumableSampler
 from liferaft.errors import LiferaftError
 
@@ -68,12 +69,14 @@ def test_interrupted_and_resumed_training_equals_the_uninterrupted_one(tmp_path:
     full = train(init_seed=0)
     assert len(full) == TOTAL
 
-    ck = liferaft.Checkpointer(tmp_path / "m1" / "checkpoints", run="exact", vault=str(tmp_path / "vault"), keep_last=2)
+    with machine(tmp_path / "m1"):
+        ck = liferaft.Checkpointer("checkpoints", run="exact", vault=str(tmp_path / "vault"), keep_last=2)
     first = train(init_seed=0, ck=ck, stop_after=14)
     ck.wait()
     shutil.rmtree(tmp_path / "m1")  # a fresh machine: only the vault is left
 
-    ck2 = liferaft.Checkpointer(tmp_path / "m2" / "checkpoints", run="exact", vault=str(tmp_path / "vault"), keep_last=2)
+    with machine(tmp_path / "m2"):
+        ck2 = liferaft.Checkpointer("checkpoints", run="exact", vault=str(tmp_path / "vault"), keep_last=2)
     second = train(init_seed=999, ck=ck2)  # other initial weights: everything must come from the checkpoint
     ck2.wait()
     assert ck2.resumed_step == 12
