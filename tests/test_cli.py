@@ -142,6 +142,26 @@ def test_restore_with_nothing_to_restore_is_not_an_error(tmp_path: Path) -> None
     assert r.returncode == 0 and "nothing to restore" in r.stdout, r.stderr
 
 
+def test_a_run_of_checkpoints_only_says_how_to_restore_one(tmp_path: Path) -> None:
+    # "no snapshot of run 'x' (runs in this vault: x)" contradicted itself.
+    pytest.importorskip("numpy")
+    import numpy as np
+
+    vault = liferaft.Vault(tmp_path / "v")
+    with liferaft.Checkpointer(tmp_path / "ck", run="x", vault=vault) as ck:
+        ck.save(5, {"w": np.ones(3)}, metrics={"loss": 0.5})
+    snap = vault.snapshots(run="x")[-1]
+    r = cli("--vault", str(tmp_path / "v"), "restore", "--run", "x")
+    assert r.returncode == 0, r.stderr
+    assert "run 'x' has only checkpoints" in r.stdout and f"liferaft restore {snap.short_id} --to DIR" in r.stdout
+    assert "runs in this vault" not in r.stdout
+    # The table leaves the checkpoint's manifest checksum (64 hex digits) to --json.
+    r = cli("--vault", str(tmp_path / "v"), "snapshots")
+    row = r.stdout.splitlines()[-1]
+    assert "liferaft.kind=checkpoint" in row and "liferaft.manifest=" not in row, row
+    assert "liferaft.manifest" in json.loads(cli("--vault", str(tmp_path / "v"), "--json", "snapshots").stdout)[-1]["tags"]
+
+
 def test_restore_from_a_vault_that_is_not_there_is_an_error(tmp_path: Path) -> None:
     # `liferaft restore && python train.py` with a mistyped --vault must not train from scratch.
     typo = tmp_path / "typo"

@@ -216,13 +216,17 @@ def snapshots(ctx: Ctx, run: str | None) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    from .checkpoint.core import MANIFEST_TAG
+
     # Not a terminal (a pipe, a file): rows are never cut or wrapped, so that grep finds them.
     wide = not sys.stdout.isatty()
     table = Table(box=None, pad_edge=False)
     for col in ("id", "run", "step", "time", "host", "files", "size", "metrics / tags"):
         table.add_column(col, justify="right" if col in ("step", "files", "size") else "left", no_wrap=wide)
     for s in snaps:
-        extra = " ".join([f"{k}={v:g}" for k, v in s.metrics.items()] + [f"{k}={v}" for k, v in s.tags.items()])
+        # the manifest checksum of a checkpoint (64 hex digits) is for liferaft; --json has it
+        tags = [f"{k}={v}" for k, v in s.tags.items() if k != MANIFEST_TAG]
+        extra = " ".join([f"{k}={v:g}" for k, v in s.metrics.items()] + tags)
         cells = [
             s.short_id,
             s.run,
@@ -263,14 +267,25 @@ def restore(ctx: Ctx, snapshot_id: str | None, run: str | None, to: str | None, 
         from .config import default_run_name
 
         name = run or default_run_name()
+        from .api import is_checkpoint
         from .errors import VaultNotFound
 
         try:
-            runs = sorted({s.run for s in vault.snapshots()})
+            snaps = vault.snapshots()
         except VaultNotFound:
-            runs = []
+            snaps = []
+        runs = sorted({s.run for s in snaps})
+        checkpoints = [s for s in snaps if s.run == name and is_checkpoint(s)]
         if ctx.json:
-            ctx.data({"restored": None, "run": name, "runs": runs})
+            ctx.data({"restored": None, "run": name, "runs": runs, "checkpoints": len(checkpoints)})
+            return
+        if checkpoints:
+            newest = checkpoints[-1]
+            ctx.say(
+                f"nothing to restore: run {name!r} has only checkpoints ({plural(len(checkpoints), 'snapshot')} of a "
+                f"Checkpointer), which restore by run leaves to it; restore one by id, e.g. "
+                f"`liferaft restore {newest.short_id} --to DIR` (step {newest.step}), or call Checkpointer.restore()"
+            )
             return
         hint = f" (runs in this vault: {', '.join(_shown(r) for r in runs)}; pick one with --run)" if runs else ""
         ctx.say(f"nothing to restore: no snapshot of run {name!r}{hint}")
