@@ -1,12 +1,12 @@
 """Keras 3: one callback that resumes mid-training (epoch and step) and keeps the best model.
 
 It replaces ``BackupAndRestore`` + ``ModelCheckpoint(save_best_only=True)``: every
-variable of the model (weights, dropout seed state), of the optimizer and of the metrics
-goes into a liferaft checkpoint every ``save_freq`` batches and at each epoch end; a new
-``fit()`` (on this machine or a fresh one) continues at the epoch and batch where the
-last checkpoint was taken instead of restarting the epoch. With ``monitor=`` on the
-Checkpointer, ``keep_best`` keeps the best epoch and :meth:`LiferaftCallback.load_best`
-puts its weights back.
+variable of the model (weights, dropout seed state), of the optimizer and of the metrics,
+and the global random generators, go into a liferaft checkpoint every ``save_freq``
+batches and at each epoch end; ``fit()`` on a fresh machine, or again after one was cut
+off, continues at the epoch and batch where the last checkpoint was taken instead of
+restarting the epoch. With ``monitor=`` on the Checkpointer, ``keep_best`` keeps the best
+epoch and :meth:`LiferaftCallback.load_best` puts its weights back.
 
 >>> import liferaft
 >>> from liferaft.checkpoint.keras import LiferaftCallback
@@ -16,24 +16,42 @@ puts its weights back.
 ...           callbacks=[LiferaftCallback(ck, save_freq=200)])                # doctest: +SKIP
 >>> LiferaftCallback(ck).load_best(model)                                     # doctest: +SKIP
 
-Resuming in the middle of an epoch is exact when the order of that epoch's batches does
-not depend on how many global random draws came before it: ``shuffle=False`` (over data
-you shuffle per epoch yourself), a ``keras.utils.PyDataset`` that shuffles from the epoch
-number, or a seeded ``tf.data`` pipeline. With ``shuffle=True`` on arrays, Keras draws
-the order from torch's global generator when the epoch's iterator is made, so the rest
-of an interrupted epoch is drawn afresh. Resuming at an epoch boundary is exact either way
-for the model, optimizer and dropout state.
+Another ``fit()`` of a model that finished one with the callback in this process trains on
+from that model, as in Keras (``BackupAndRestore`` deletes its backup when a fit ends):
+``fit(epochs=3)`` twice trains 6 epochs, ``fit(epochs=6, initial_epoch=3)`` continues to
+epoch 6. The checkpoint is restored when the model has not trained here yet (a fresh
+machine, a restarted runtime, a rebuilt model) or its last ``fit()`` was cut off. Each
+checkpoint records which ``fit()`` of the model saved it, so on a fresh machine a script's
+``fit()`` calls replay in order: one the checkpoint is already past takes its weights and
+trains nothing, the one that was cut off resumes at its epoch and batch.
+
+Resuming in the middle of an epoch is exact when the epoch's batch order comes out the
+same: ``shuffle=False`` (over data you shuffle per epoch yourself), a
+``keras.utils.PyDataset`` that shuffles from the epoch number, a seeded ``tf.data``
+pipeline, or on the torch backend ``shuffle=True`` on arrays (Keras draws that order from
+torch's global generator as the epoch begins, and the callback puts the generators back
+as of then). Random draws in the model carry on exactly too: a seeded layer's seed state
+is a model variable, and the global generators (an unseeded ``Dropout`` draws from
+torch's on the torch backend) are put back as of the checkpoint's batch once the batches
+before it have gone by. With ``steps_per_epoch`` set, Keras makes an epoch's iterator at
+the end of the one before, so the global draws after a resume differ.
 """
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from typing import Any
 
 import keras
 
 from ..errors import LiferaftError
-from .core import Checkpointer, Restored
+from .core import Checkpointer, CheckpointWarning, Restored
 from .rng import capture_rng, restore_rng
+
+# How many fit() calls with the callback each model has finished in this process, per run: a
+# model that has is newer than the run's checkpoints, so its next fit() trains on from it.
+_FITS_DONE: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], int]] = weakref.WeakKeyDictionary()
 
 
 def _arrays(variables: list[Any]) -> list[Any]:
@@ -75,7 +93,8 @@ class LiferaftCallback(keras.callbacks.Callback):
     save_freq
         ``"epoch"`` (at each epoch end) or a number of batches (and at each epoch end).
     resume
-        Restore the newest valid checkpoint when ``fit()`` starts.
+        Restore the newest valid checkpoint when ``fit()`` starts, unless the model
+        finished a ``fit()`` with the callback in this process (then it trains on as it is).
     """
 
     def __init__(self, checkpointer: Checkpointer, *, save_freq: str | int = "epoch", resume: bool = True) -> None:
@@ -86,99 +105,156 @@ class LiferaftCallback(keras.callbacks.Callback):
         self.save_freq = save_freq
         self.resume = resume
         self.restored: Restored | None = None
+        self._fit = 0  # which fit() of this model on this run is under way (0 for the first)
         self._epoch = 0
         self._batch = 0
         self._epoch_rng: dict[str, Any] | None = None
         self._pending: dict[str, Any] | None = None  # what to put back when the resumed epoch begins
+        self._skip: dict[str, Any] | None = None  # what to put back once the batches trained before go by
+        self._skipping: tuple[Any, Any, Any] | None = None  # (model, its train_function, the stand-in)
+        self._sets_initial_epoch = False
 
     # ------------------------------------------------------------ state
 
-    def _state(self, epoch: int, batch: int, rng: dict[str, Any] | None) -> dict[str, Any]:
+    def _state(self, epoch: int, batch: int, rng: dict[str, Any], epoch_rng: dict[str, Any] | None) -> dict[str, Any]:
         model = self.model
         optimizer = model.optimizer
         return {
+            "fit": self._fit,
             "epoch": epoch,  # epochs finished before this point
             "batch": batch,  # batches done in the epoch under way
             "model": _arrays(model.variables),
             "optimizer": _arrays(optimizer.variables) if optimizer is not None else [],
             "metrics": _arrays(model.metrics_variables) if batch else [],
-            "rng": rng,
+            "rng": rng,  # the global generators as of this point
+            "epoch_rng": epoch_rng,  # and as of the epoch's start, which its batch order was drawn from
         }
 
     def _step(self) -> int:
         optimizer = self.model.optimizer
         return int(keras.ops.convert_to_numpy(optimizer.iterations)) if optimizer is not None else self._epoch
 
-    def _apply(self, r: Restored) -> None:
+    def _run_key(self) -> tuple[str, str]:
+        return (str(self.checkpointer.directory), self.checkpointer.run)
+
+    def _apply(self, r: Restored, *, weights_only: bool = False) -> None:
         state = r.state
-        if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
-            raise LiferaftError(
-                f"checkpoint {r.path.name} was not saved by the Keras callback", "give the callback its own Checkpointer folder"
-            )
         model = self.model
         if not model.built:
             raise LiferaftError(
                 "the model is not built, so its weights cannot be restored", "build it first (an Input layer, or call it on a batch)"
             )
         _assign(model.variables, state["model"], "model", r.path.name)
+        if weights_only:
+            return
         optimizer = model.optimizer
         if optimizer is not None and state["optimizer"]:
             if not optimizer.built:
                 optimizer.build(model.trainable_variables)
             _assign(optimizer.variables, state["optimizer"], "optimizer", r.path.name)
-        model._initial_epoch = int(state["epoch"])
+        self._start_at(int(state["epoch"]))
         self._pending = {
             "epoch": int(state["epoch"]),
             "batch": int(state["batch"]),
             "metrics": state.get("metrics") or [],
             "rng": state.get("rng"),
+            "epoch_rng": state.get("epoch_rng"),
         }
+
+    def _start_at(self, epoch: int) -> None:
+        """Have this fit() start at ``epoch`` (Keras reads it right after on_train_begin)."""
+        self.model._initial_epoch = epoch
+        self._sets_initial_epoch = True
+
+    def _leave_initial_epoch(self) -> None:
+        # Cleared once read, so a fit() cut off later leaves no stale start to the model's next fit().
+        if self._sets_initial_epoch:
+            self.model._initial_epoch = None
+            self._sets_initial_epoch = False
 
     # ------------------------------------------------------------ callback hooks
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
-        self.restored = None
-        if self.resume:
-            self.restored = self.checkpointer.restore()
-            if self.restored is not None:
-                self._apply(self.restored)
+        self._stop_skipping()  # one a cut-off fit() left behind
+        self.restored = self._pending = self._skip = None
+        model = self.model
+        self._fit = _FITS_DONE.get(model, {}).get(self._run_key(), 0)
+        r = self.checkpointer.restore() if self.resume else None
+        if r is None:
+            return
+        state = r.state
+        if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
+            raise LiferaftError(
+                f"checkpoint {r.path.name} was not saved by the Keras callback", "give the callback its own Checkpointer folder"
+            )
+        fit = int(state.get("fit", 0))
+        if fit < self._fit:
+            return  # saved by an earlier fit() of this model, which has trained on since
+        self.restored = r
+        if fit == self._fit:
+            self._apply(r)
+            return
+        # A later fit() saved it, so this one had finished (a script replayed on a fresh machine): only the
+        # weights, as that fit() may have another optimizer (fine-tuning recompiles), and no epoch to train.
+        self._apply(r, weights_only=True)
+        self._start_at(int(self.params["epochs"]))
+        warnings.warn(
+            f"liferaft: checkpoint {r.path.name} was saved by fit() call {fit + 1} of this model and this is call "
+            f"{self._fit + 1}: it takes the checkpoint's weights and trains nothing; fit() call {fit + 1} resumes the rest",
+            CheckpointWarning,
+            stacklevel=2,
+        )
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._leave_initial_epoch()
         self._epoch, self._batch = epoch, 0
         pending, self._pending = self._pending, None
         if pending is not None and pending["epoch"] == epoch:
-            if pending["rng"] is not None:
-                restore_rng(pending["rng"])
-            if pending["batch"]:
-                if pending["metrics"]:
-                    _assign(self.model.metrics_variables, pending["metrics"], "metrics", "resumed")
-                self._skip(pending["batch"])
+            if not pending["batch"]:
+                if pending["rng"] is not None:
+                    restore_rng(pending["rng"])
+            else:
+                if pending["epoch_rng"] is not None:
+                    restore_rng(pending["epoch_rng"])  # the batch order drawn as this epoch begins
+                self._start_skipping(pending)
         self._epoch_rng = capture_rng()
 
-    def _skip(self, batches: int) -> None:
-        """Let the first ``batches`` batches of this epoch go by untrained: they were trained before."""
+    def _start_skipping(self, pending: dict[str, Any]) -> None:
+        """Let the first ``pending["batch"]`` batches of this epoch go by untrained: they were trained before."""
         model = self.model
         train = model.train_function
-        left = [batches]
 
         def skipping(data: Any) -> Any:
-            if left[0] > 0:
-                left[0] -= 1
-                if left[0] == 0:
-                    model.train_function = train
-                return {}
-            return train(data)
+            return {}
 
         model.train_function = skipping
-        self._batch = -batches  # on_train_batch_end counts up to 0 through the skipped ones
+        self._skipping = (model, train, skipping)
+        self._skip = pending
+
+    def _stop_skipping(self) -> None:
+        if self._skipping is not None:
+            model, train, skipping = self._skipping
+            if model.train_function is skipping:
+                model.train_function = train
+            self._skipping = None
+
+    def _resume_here(self) -> None:
+        """The batches trained before have gone by: put back the metrics and generators as of the checkpoint."""
+        pending, self._skip = self._skip, None
+        self._stop_skipping()
+        if pending is None:
+            return
+        if pending["metrics"]:
+            _assign(self.model.metrics_variables, pending["metrics"], "metrics", "resumed")
+        if pending["rng"] is not None:
+            restore_rng(pending["rng"])
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        if self._batch < 0:
-            self._batch += 1
-            if self._batch == 0:
-                self._batch = batch + 1
-            return
         self._batch = batch + 1
+        if self._skip is not None:
+            if self._batch >= self._skip["batch"]:
+                self._resume_here()
+            return
         if self.save_freq == "epoch":
             return
         steps = self.params.get("steps") if isinstance(self.params, dict) else None
@@ -186,13 +262,25 @@ class LiferaftCallback(keras.callbacks.Callback):
             return  # the epoch-end save covers the last batch
         step = self._step()
         if step % int(self.save_freq) == 0:
-            self.checkpointer.save(step, self._state(self._epoch, self._batch, self._epoch_rng), metrics=_numbers(logs))
+            self.checkpointer.save(step, self._state(self._epoch, self._batch, capture_rng(), self._epoch_rng), metrics=_numbers(logs))
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        self.checkpointer.save(self._step(), self._state(epoch + 1, 0, capture_rng()), metrics=_numbers(logs))
+        if self._skip is not None:
+            skipped = self._skip["batch"]
+            self._resume_here()
+            warnings.warn(
+                f"liferaft: the checkpoint was taken after batch {skipped} of epoch {epoch + 1}, which has only "
+                f"{self._batch} batches this time, so none of them was trained; resume with the data of the run that saved it",
+                CheckpointWarning,
+                stacklevel=2,
+            )
+        self.checkpointer.save(self._step(), self._state(epoch + 1, 0, capture_rng(), None), metrics=_numbers(logs))
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        self.model._initial_epoch = None
+        self._stop_skipping()
+        self._skip = self._pending = None
+        self._leave_initial_epoch()
+        _FITS_DONE.setdefault(self.model, {})[self._run_key()] = self._fit + 1
         self.checkpointer.wait()
 
     # ------------------------------------------------------------ best
