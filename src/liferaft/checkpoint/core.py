@@ -682,7 +682,7 @@ class Checkpointer:
         one does.
         """
         mine = [s for s in snaps if s.tags.get(FOLDER_TAG) == self._folder_tag or self._legacy_here(s)]
-        self._other_folders = sorted({str(s.tags.get(FOLDER_TAG)) for s in snaps} - {self._folder_tag})
+        self._other_folders = sorted({t for s in snaps if isinstance(t := s.tags.get(FOLDER_TAG), str)} - {self._folder_tag})
         if mine or not snaps:
             return mine
         fits = {tag for s in snaps if isinstance(tag := s.tags.get(FOLDER_TAG), str) and _same_tail(tag, self._folder_tag)}
