@@ -536,6 +536,25 @@ def test_a_save_that_fails_as_the_script_ends_is_reported(tmp_path: Path) -> Non
     assert "Traceback" not in r.stderr and (tmp_path / "ck" / "step-2" / MANIFEST).exists()
 
 
+def test_a_forked_child_leaves_the_parents_saves_alone(tmp_path: Path) -> None:
+    # DataLoader workers are forked copies of the training process: each ran the exit hook
+    # on exit and waited on its parent's save, which it cannot finish, until torch killed
+    # it (every epoch stalled by seconds per worker).
+    script = (
+        "import multiprocessing, numpy, liferaft\n"
+        "ck = liferaft.Checkpointer('ck', vault='vault', run='x')\n"
+        "ck.save(1, {'w': numpy.ones(100_000_000, dtype=numpy.float32)})\n"  # 400 MB: still in flight
+        "child = multiprocessing.get_context('fork').Process(target=print, args=('worker',))\n"
+        "child.start(); child.join(30)\n"
+        "print('child exit', child.exitcode, flush=True)\n"
+        "ck.wait()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "child exit 0" in r.stdout, (r.stdout, r.stderr)
+    assert "finishing" not in r.stderr, r.stderr
+    assert ck_steps(liferaft.Vault(tmp_path / "vault"), "x") == [1]
+
+
 def test_saving_a_step_again_replaces_it(tmp_path: Path) -> None:
     ck = make_ck(tmp_path)
     ck.save(5, {"w": torch.zeros(3)})

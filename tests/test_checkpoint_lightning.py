@@ -95,3 +95,84 @@ def test_trainer_commits_checkpoints_and_resumes_from_the_vault(tmp_path: Path) 
     assert second.losses == {s: full.losses[s] for s in range(8, 12)}  # loss for loss
     for a, b in zip(full.parameters(), second.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+SCORES = [3.0, 1.0, 2.0, 4.0, 5.0, 6.0]  # the metric ModelCheckpoint ranks by, per epoch: the best is epoch 1 (step 8)
+
+
+class Scored(Tiny):
+    """Logs a made-up ``score`` per epoch, so the best checkpoint is neither the first nor the newest."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.save_hyperparameters()
+        self.weights: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_validation_epoch_end(self):
+        super().on_validation_epoch_end()
+        if not self.trainer.sanity_checking:
+            self.log("score", SCORES[self.current_epoch])
+            self.weights[self.global_step] = {k: v.detach().clone() for k, v in self.state_dict().items()}
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", torch.nn.functional.mse_loss(self.net(x), y))
+
+
+def test_best_checkpoint_loads_by_lightnings_own_names_after_retention(tmp_path: Path) -> None:
+    train, val = loaders()
+    vault = str(tmp_path / "vault")
+
+    def run(epochs: int, seed: int) -> tuple[liferaft.Checkpointer, LiferaftLightning, pl.callbacks.ModelCheckpoint, pl.Trainer]:
+        ck = liferaft.Checkpointer(tmp_path / "m" / "checkpoints", run="pl", vault=vault, keep_last=1, monitor="score")
+        cb = LiferaftLightning(ck)
+        mc = pl.callbacks.ModelCheckpoint(monitor="score", save_top_k=-1)  # saves every epoch, names no best
+        return ck, cb, mc, trainer(tmp_path / "m", epochs, [cb, mc])
+
+    ck, cb, mc, t = run(4, 0)
+    first = Scored(0)
+    t.fit(first, train, val)
+    assert mc.best_model_path.endswith("epoch=1-step=8.ckpt") and not Path(mc.best_model_path).exists()
+    assert sorted(c.step for c in ck.checkpoints()) == [8, 16]  # retention: the newest and the best by score
+
+    # The names Lightning keeps load the checkpoint of that step.
+    (tested,) = t.test(first, val, ckpt_path="best")
+    assert tested["test_loss"] == pytest.approx(first.val[8], abs=1e-6)
+    (validated,) = t.validate(first, val, ckpt_path=mc.best_model_path)
+    assert validated["val_loss"] == pytest.approx(first.val[8], abs=1e-6)
+    # load_from_checkpoint reads the file itself: export writes one.
+    exported = cb.export(tmp_path / "best.ckpt", best=True)
+    loaded = Scored.load_from_checkpoint(exported)
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, first.weights[8][k]), k
+
+    shutil.rmtree(tmp_path / "m")  # a fresh machine: the best (step 8) is in the vault only
+    ck2, cb2, mc2, t2 = run(5, 42)
+    second = Scored(42)
+    t2.fit(second, train, val, ckpt_path=cb2.resume_path())
+    assert ck2.resumed_step == 16 and mc2.best_model_path == mc.best_model_path
+    (tested,) = t2.test(second, val, ckpt_path="best")  # step 8, fetched from the vault
+    assert tested["test_loss"] == pytest.approx(first.val[8], abs=1e-6)
+    t2.fit_loop.max_epochs = 6
+    t2.fit(second, train, val, ckpt_path="best")  # train on from the best
+    assert ck2.resumed_step == 8 and t2.global_step == 24
+
+
+def test_lightning_names_retention_deleted_fail_with_what_to_do(tmp_path: Path) -> None:
+    train, val = loaders()
+    ck = liferaft.Checkpointer(tmp_path / "checkpoints", run="pl", vault=str(tmp_path / "vault"), keep_last=1, monitor="score")
+    cb = LiferaftLightning(ck)
+    mc = pl.callbacks.ModelCheckpoint(monitor="score", mode="max", save_top_k=-1)  # ranks the other way round
+    t = trainer(tmp_path, 2, [cb, mc])
+    model = Scored(0)
+    with pytest.warns(liferaft.checkpoint.CheckpointWarning, match="ModelCheckpoint ranks by 'score' \\(max\\)"):
+        t.fit(model, train, val)
+    assert mc.best_model_path.endswith("epoch=0-step=4.ckpt")  # score 3.0; liferaft kept step 8 (score 1.0)
+    with pytest.raises(
+        liferaft.LiferaftError, match=r"epoch=0-step=4.ckpt \(liferaft checkpoint step-4\) was deleted by .*cb.best_path\(\)"
+    ):
+        t.test(model, val, ckpt_path="best")
+    with pytest.raises(liferaft.LiferaftError, match=r"no checkpoint at .*nothing.ckpt.*cb.resume_path\(\)"):
+        t.test(model, val, ckpt_path=tmp_path / "nothing.ckpt")
+    (tested,) = t.test(model, val, ckpt_path=cb.best_path())  # the fix the error names
+    assert tested["test_loss"] == pytest.approx(model.val[8], abs=1e-6)

@@ -26,19 +26,28 @@ def register_exit_hook(fn: Callable[[], object]) -> None:
     """Run ``fn`` when the interpreter exits, while background work can still be started.
 
     threading's exit hooks run (newest first) before concurrent.futures refuses new work
-    at shutdown, which a final snapshot's uploads need; plain atexit runs after that."""
+    at shutdown, which a final snapshot's uploads need; plain atexit runs after that.
+    A forked child (a DataLoader worker) inherits the hooks and runs them when it exits:
+    it skips them, as the work they finish is its parent's (a worker waited on its
+    parent's checkpoint save until torch killed it, stalling every epoch by seconds)."""
     import threading
+
+    pid = os.getpid()
+
+    def hook() -> None:
+        if os.getpid() == pid:
+            fn()
 
     register = getattr(threading, "_register_atexit", None)
     if register is not None:
         try:
-            register(fn)
+            register(hook)
             return
         except RuntimeError:
             pass
     import atexit
 
-    atexit.register(fn)
+    atexit.register(hook)
 
 
 def hostname() -> str:

@@ -707,10 +707,14 @@ class Checkpointer:
         newest = max(set(local) | set(remote), default=saved)
         if saved < newest and "older" not in self._warned:
             self._warned.add("older")
+            name, top = self._naming.name(saved), self._naming.name(newest)
+            if self._resumed is None:
+                how = "call restore() first to resume, or use another run name or folder to start over"
+            else:
+                how = f"this process resumed from {self._naming.name(self._resumed[0])}; to branch off, use another run name or folder"
             self._warn(
-                f"checkpoint {self._naming.name(saved)} is older than {self._naming.name(newest)}, saved before for run "
-                f"{self.run!r}: retention keeps the newest steps, so it deletes the new ones first, and restore() takes "
-                f"{self._naming.name(newest)}; call restore() first to resume, or use another run name or folder to start over"
+                f"checkpoint {name} is older than {top}, saved before for run {self.run!r}: retention keeps the newest "
+                f"steps, so it deletes the new ones first, and the next restore() takes {top}; {how}"
             )
         protect: set[int] = set()
         if self._newest_good is not None:

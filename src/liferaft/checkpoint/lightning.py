@@ -7,6 +7,8 @@
 >>> cb = LiferaftLightning(ck)                                                 # doctest: +SKIP
 >>> trainer = L.Trainer(max_epochs=10, callbacks=[cb])                          # doctest: +SKIP
 >>> trainer.fit(model, ckpt_path=cb.resume_path())     # None on a first run    # doctest: +SKIP
+>>> trainer.test(model, ckpt_path="best")              # ModelCheckpoint's best # doctest: +SKIP
+>>> best = Model.load_from_checkpoint(cb.export("best.ckpt", best=True))       # doctest: +SKIP
 
 The callback installs :class:`LiferaftCheckpointIO` as the Trainer's checkpoint plugin
 (or pass ``plugins=[cb.io]`` yourself). Lightning's ``ModelCheckpoint`` still decides
@@ -17,11 +19,21 @@ retention (``keep_last``, ``keep_best``, ``keep_every``); ``ModelCheckpoint``'s 
 to delete files are ignored. Leave ``save_last`` off: the newest liferaft checkpoint is
 "last". ``Trainer(..., ckpt_path=cb.resume_path())`` loads the newest checkpoint that
 verifies, from the folder or, on a fresh machine, from the vault.
+
+No ``.ckpt`` file is written where ``ModelCheckpoint`` names one. The plugin remembers
+which step each name was saved as (and keeps that in the checkpoints, so it survives a
+resume on a fresh machine): ``ckpt_path="best"``, ``ckpt_path=trainer.checkpoint_callback.best_model_path``
+and the other names ``ModelCheckpoint`` reports load that step, from the vault when the
+folder is gone. Give the Checkpointer the ``monitor`` and ``mode`` of your
+``ModelCheckpoint`` so that retention keeps its best. ``Model.load_from_checkpoint``
+reads files itself, without the plugin: pass it a file :meth:`LiferaftLightning.export`
+writes.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,43 +46,69 @@ except ImportError:  # the standalone pytorch_lightning package
     from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO  # type: ignore[no-redef]
     from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO  # type: ignore[no-redef]
 
-from .core import Checkpointer, Restored
+from ..errors import LiferaftError
+from .core import Checkpointer, CheckpointWarning, Restored
 from .folder import MANIFEST
 
 METRICS_KEY = "liferaft_metrics"
+PATHS_KEY = "liferaft_paths"  # the checkpoint names ModelCheckpoint asked for → liferaft step
+_KEEP_UNREFERENCED = 100  # names no callback refers to any more: only the newest are remembered
+
+
+def _key(path: Any) -> str:
+    """One spelling per checkpoint name: absolute for local paths, untouched for URLs."""
+    text = os.fspath(path)
+    return text if "://" in text else os.path.abspath(os.path.expanduser(text))
 
 
 class LiferaftCheckpointIO(CheckpointIO):
     """A Lightning checkpoint plugin that saves through a :class:`~liferaft.Checkpointer`.
 
     ``save_checkpoint`` hands the checkpoint dict to ``Checkpointer.save`` (async: the
-    copy to host memory is all the Trainer waits for); ``load_checkpoint`` reads a
-    liferaft checkpoint folder, or an ordinary ``.ckpt`` file as Lightning would.
+    copy to host memory is all the Trainer waits for) and remembers the step under the
+    path Lightning gave. ``load_checkpoint`` takes a liferaft checkpoint folder, a path
+    Lightning saved through this plugin (``ModelCheckpoint.best_model_path`` and the
+    like: the checkpoint of that step is restored, from the vault if need be), or an
+    ordinary ``.ckpt`` file, which it reads as Lightning would.
     """
 
     def __init__(self, checkpointer: Checkpointer) -> None:
         super().__init__()
         self.checkpointer = checkpointer
         self._loaded: dict[str, Restored] = {}
+        self._paths: dict[str, int] = {}
         self._plain = TorchCheckpointIO()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         metrics = dict(checkpoint.pop(METRICS_KEY, None) or {})
         if not metrics:
             metrics = _monitored(checkpoint)
-        self.checkpointer.save(int(checkpoint.get("global_step", 0)), checkpoint, metrics=metrics)
+        step = int(checkpoint.get("global_step", 0))
+        key = _key(path)
+        self._paths.pop(key, None)  # re-inserted last: the newest name
+        self._paths[key] = step
+        self._forget_unreferenced(checkpoint)
+        checkpoint[PATHS_KEY] = dict(self._paths)
+        self.checkpointer.save(step, checkpoint, metrics=metrics)
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
-        key = os.path.abspath(os.fspath(path))
+        key = _key(path)
         r = self._loaded.pop(key, None)
-        if r is None and Path(key, MANIFEST).is_file():
-            step = self.checkpointer._naming.step_of(Path(key).name)
-            if Path(key).parent != self.checkpointer.directory or step is None:
-                raise FileNotFoundError(f"{key} is a liferaft checkpoint of another Checkpointer folder")
-            r = self.checkpointer.restore(step)
-        if r is not None:
-            return dict(r.state)
-        return self._plain.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        if r is None:
+            step = self._step_of(key)
+            if step is not None:
+                r = self._restore_step(step, key)
+        if r is None:
+            if not os.path.exists(key) and "://" not in key:
+                raise LiferaftError(
+                    f"no checkpoint at {key}: it is neither a file nor a name this Trainer saved through liferaft",
+                    "pass ckpt_path=cb.resume_path() (the newest) or cb.best_path() (the best by the Checkpointer's monitor)",
+                )
+            return self._plain.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        state = dict(r.state)
+        for name, step in dict(state.pop(PATHS_KEY, None) or {}).items():
+            self._paths.setdefault(str(name), int(step))  # names this process saved itself win
+        return state
 
     def remove_checkpoint(self, path: Any) -> None:
         """Ignored: liferaft's retention decides which checkpoints go."""
@@ -80,12 +118,87 @@ class LiferaftCheckpointIO(CheckpointIO):
 
     def resume_path(self) -> str | None:
         """The newest checkpoint that verifies, loaded and ready for ``ckpt_path``; None on a first run."""
-        r = self.checkpointer.restore()
+        return self._preload(self.checkpointer.restore())
+
+    def best_path(self) -> str | None:
+        """The best checkpoint by the Checkpointer's ``monitor``, loaded and ready for ``ckpt_path``; None if there is none."""
+        return self._preload(self.checkpointer.restore(best=True))
+
+    def export(self, path: str | os.PathLike[str], *, step: int | None = None, best: bool = False) -> str:
+        """Write a liferaft checkpoint (the newest, ``step`` or the ``best``) as an ordinary Lightning ``.ckpt`` file."""
+        import torch
+
+        r = self.checkpointer.restore(step, best=best)
+        if r is None:
+            raise LiferaftError(f"run {self.checkpointer.run!r} has no checkpoint yet", "export after the Trainer has saved one")
+        state = dict(r.state)
+        state.pop(PATHS_KEY, None)
+        dest = Path(_key(path))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return str(dest)
+
+    def _preload(self, r: Restored | None) -> str | None:
         if r is None:
             return None
         key = str(r.path)
         self._loaded = {key: r}
         return key
+
+    def _step_of(self, key: str) -> int | None:
+        """The liferaft step a path stands for: a ``step-N`` folder of this Checkpointer, or a name saved through it."""
+        folder = Path(key)
+        if folder.parent == self.checkpointer.directory:
+            step = self.checkpointer._naming.step_of(folder.name)
+            if step is not None:
+                return step
+        elif (folder / MANIFEST).is_file():
+            raise LiferaftError(
+                f"{key} is a liferaft checkpoint of another checkpoints folder than {self.checkpointer.directory}",
+                "restore it with a Checkpointer on that folder",
+            )
+        return self._paths.get(key)
+
+    def _restore_step(self, step: int, key: str) -> Restored:
+        ck = self.checkpointer
+        if step not in {c.step for c in ck.checkpoints()}:
+            name = ck._naming.name(step)
+            where = f"{key} (liferaft checkpoint {name})" if Path(key).name != name else key
+            policy = ck.policy
+            kept = [f"the newest {policy.keep_last}"] if policy.keep_last is not None else []
+            if policy.keep_best:
+                kept.append(f"the best {policy.keep_best} by {policy.monitor!r} ({policy.mode})")
+            if policy.keep_every:
+                kept.append(f"every multiple of {policy.keep_every}")
+            fix = (
+                f"pass ckpt_path=cb.best_path() for the best by {policy.monitor!r}, or create the Checkpointer with "
+                "the monitor and mode of your ModelCheckpoint so that its best is kept"
+                if policy.monitor
+                else "create the Checkpointer with the monitor and mode of your ModelCheckpoint so that its best is kept, "
+                "or pass ckpt_path=cb.resume_path() for the newest"
+            )
+            raise LiferaftError(f"{where} was deleted by liferaft's retention (it keeps {' and '.join(kept) or 'all'})", fix)
+        r = ck.restore(step)
+        assert r is not None
+        return r
+
+    def _forget_unreferenced(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the names some callback (ModelCheckpoint's best_k_models, best_model_path, ...) still refers to, and the newest others."""
+        referenced: set[str] = set()
+        for state in (checkpoint.get("callbacks") or {}).values():
+            if not isinstance(state, dict):
+                continue
+            for value in state.values():
+                names = value.keys() if isinstance(value, dict) else [value]
+                referenced.update(_key(n) for n in names if isinstance(n, (str, os.PathLike)) and n)
+        others = [k for k in self._paths if k not in referenced]
+        for k in others[:-_KEEP_UNREFERENCED]:
+            del self._paths[k]
 
 
 def _monitored(checkpoint: dict[str, Any]) -> dict[str, float]:
@@ -106,7 +219,18 @@ class LiferaftLightning(pl.Callback):
     Parameters
     ----------
     checkpointer
-        Where checkpoints go; its retention decides which stay.
+        Where checkpoints go; its retention decides which stay. Give it the ``monitor``
+        and ``mode`` of your ``ModelCheckpoint`` (if that has a monitor), so that the
+        checkpoint ``ckpt_path="best"`` names is one retention keeps.
+
+    Examples
+    --------
+    >>> ck = liferaft.Checkpointer("checkpoints", run="mnist", keep_last=1, monitor="val_loss")  # doctest: +SKIP
+    >>> cb = LiferaftLightning(ck)                                                             # doctest: +SKIP
+    >>> trainer = L.Trainer(max_epochs=10, callbacks=[cb, ModelCheckpoint(monitor="val_loss")])  # doctest: +SKIP
+    >>> trainer.fit(model, ckpt_path=cb.resume_path())                                         # doctest: +SKIP
+    >>> trainer.test(model, ckpt_path="best")                                                  # doctest: +SKIP
+    >>> model = Model.load_from_checkpoint(cb.export("best.ckpt", best=True))                  # doctest: +SKIP
     """
 
     def __init__(self, checkpointer: Checkpointer) -> None:
@@ -117,6 +241,23 @@ class LiferaftLightning(pl.Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if not isinstance(trainer.strategy.checkpoint_io, LiferaftCheckpointIO):
             trainer.strategy.checkpoint_io = self.io
+        if stage == "fit":
+            self._check_monitors(trainer)
+
+    def _check_monitors(self, trainer: Any) -> None:
+        policy = self.checkpointer.policy
+        for mc in getattr(trainer, "checkpoint_callbacks", []):
+            monitor = getattr(mc, "monitor", None)
+            if not monitor or (policy.keep_best and policy.monitor == monitor and policy.mode == getattr(mc, "mode", "min")):
+                continue
+            have = f"keeps the best by {policy.monitor!r} ({policy.mode})" if policy.keep_best else "keeps no best"
+            warnings.warn(
+                f"liferaft: ModelCheckpoint ranks by {monitor!r} ({getattr(mc, 'mode', 'min')}) but the Checkpointer {have}, "
+                f'so retention may delete the checkpoint ckpt_path="best" names; create the Checkpointer with '
+                f"monitor={monitor!r}, mode={getattr(mc, 'mode', 'min')!r}",
+                CheckpointWarning,
+                stacklevel=2,
+            )
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         metrics: dict[str, float] = {}
@@ -131,5 +272,29 @@ class LiferaftLightning(pl.Callback):
         self.checkpointer.wait()
 
     def resume_path(self) -> str | None:
-        """Pass to ``trainer.fit(..., ckpt_path=...)``: the newest valid checkpoint, or None on a first run."""
+        """Pass to ``trainer.fit(..., ckpt_path=...)``: the newest valid checkpoint, or None on a first run.
+
+        >>> trainer.fit(model, ckpt_path=cb.resume_path())      # doctest: +SKIP
+        """
         return self.io.resume_path()
+
+    def best_path(self) -> str | None:
+        """Pass to ``ckpt_path=``: the best checkpoint by the Checkpointer's ``monitor`` (from the vault if need be).
+
+        Works in a fresh process too, where ``ckpt_path="best"`` has no ``ModelCheckpoint``
+        history to go by. None if there is no checkpoint.
+
+        >>> trainer.test(model, ckpt_path=cb.best_path())        # doctest: +SKIP
+        """
+        return self.io.best_path()
+
+    def export(self, path: str | os.PathLike[str], *, step: int | None = None, best: bool = False) -> str:
+        """Write the newest checkpoint (or ``step``, or the ``best`` by the monitor) as a Lightning ``.ckpt`` file; return its path.
+
+        For what reads files without the Trainer's plugin: ``Model.load_from_checkpoint``,
+        ``torch.load``, a download from the notebook. The checkpoint is verified (and
+        fetched from the vault if need be) first.
+
+        >>> model = Model.load_from_checkpoint(cb.export("best.ckpt", best=True))  # doctest: +SKIP
+        """
+        return self.io.export(path, step=step, best=best)
