@@ -173,9 +173,23 @@ class StoreServer:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def freeze(self) -> None:
+        """SIGSTOP the server: its kernel still accepts connections and buffers what is sent,
+        nothing is read or answered (a hung process, a VM paused, a store's frozen node)."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT: the server goes on where it stopped."""
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
     def stop(self) -> None:
         """Stop the server by its process id; then remove its files."""
         if self.proc.poll() is None:
+            self.thaw()  # a stopped process would not act on SIGTERM
             try:
                 os.kill(self.proc.pid, signal.SIGTERM)
                 self.proc.wait(timeout=15)

@@ -14,14 +14,17 @@ import os
 import random
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import liferaft
 from conftest import make_tree, tree_state
+from liferaft.backends import objectstore
+from liferaft.backends.objectstore import ObjectStoreBackend
 from liferaft.errors import LiferaftError, VaultUnreachable
-from servers import KINDS, Fault, FaultPlan, FaultProxy, StoreServer
+from servers import KINDS, Fault, FaultPlan, FaultProxy, StoreServer, start_server
 from test_cloud_crash import small_pack_vault
 
 SEED = int(os.environ.get("LIFERAFT_FAULT_SEED", "2029"))
@@ -182,3 +185,102 @@ def test_a_store_that_dies_mid_snapshot_fails_within_one_deadline(
     vault = liferaft.Vault(url)
     assert [s.id for s in vault.snapshots()] == [first.id]
     assert vault.verify().ok
+
+
+FROZEN_BOUND = 20.0  # s from the freeze to the error: a 3 s deadline, one call (two tries of 2 s, or the call limit), margin
+THAW_AFTER = 60.0  # unbounded, the snapshot would wait for ever: the server is thawed then, and the test fails on the time
+
+
+@pytest.fixture
+def own_server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[StoreServer]:
+    """A server of this test's own (the test freezes it): a free loopback port, stopped by process id."""
+    server = start_server(request.param)
+    try:
+        server.apply(monkeypatch)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("own_server", "guard"),
+    [("moto", "no progress"), ("moto", "call limit"), ("gcs", "no progress"), ("gcs", "call limit")],
+    indirect=["own_server"],
+)
+def test_a_frozen_store_fails_the_snapshot_within_the_deadline_and_the_next_one_works(
+    own_server: StoreServer, guard: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The store's process is SIGSTOPped as a pack starts going up: connections are still
+    accepted, nothing is read or answered. The clients' read timeouts start only once a
+    body is sent, so a 16 MiB pack waited for ever with the socket buffers full (a 5 s
+    deadline, 300+ s blocked). Now the snapshot fails within the deadline plus one call,
+    with one clear line; the vault is as it was; once the store is back, the same Vault
+    (same client, same session, as the run supervisor keeps it) commits the next one.
+
+    guard "no progress": the kernel drops a connection whose bytes go unacknowledged for
+    the read timeout (TCP_USER_TIMEOUT, Linux). "call limit": as on a platform without
+    it, the whole-call limit cancels the upload in fsspec's loop, and the client's
+    session must still work afterwards."""
+    server = own_server
+    # The defaults, scaled down: 2 s to connect, 2 s without progress, a 3 s retry deadline.
+    monkeypatch.setattr(objectstore, "CONNECT_TIMEOUT", 2)
+    monkeypatch.setattr(objectstore, "READ_TIMEOUT", 2)
+    monkeypatch.setenv("LIFERAFT_RETRY_DEADLINE", "3")
+    if guard == "call limit":  # (raising=False: without the bounds, the test is to fail on the time alone)
+        monkeypatch.setattr(objectstore, "_no_progress_sockets", lambda _seconds: None, raising=False)
+        monkeypatch.setattr(objectstore, "MIN_TRANSFER_RATE", 8 << 20, raising=False)  # a 16 MiB pack: 2 s of the 11 s limit
+        monkeypatch.setattr(objectstore, "CALL_SLACK", 1.0, raising=False)
+    url = server.vault_url()
+    small_pack_vault(url, pack_size=16 << 20)  # packs far larger than the socket buffers take in
+    work = make_tree(tmp_path / "work", {"notes.txt": "v1", "model.bin": os.urandom(1 << 20)})
+    vault = liferaft.Vault(url)
+    first = vault.snapshot([work], run="r", step=1)
+    state = tree_state(work)
+    (work / "model.bin").write_bytes(os.urandom(48 << 20))  # three 16 MiB packs
+    (work / "notes.txt").write_text("v2")
+
+    frozen_at: list[float] = []
+    packs_started = [0]
+    lock = threading.Lock()
+    put = ObjectStoreBackend.put
+
+    def freeze_at_the_second_pack(
+        self: ObjectStoreBackend, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False
+    ) -> None:
+        with lock:
+            if name.startswith("packs/") and not frozen_at:
+                packs_started[0] += 1
+                if packs_started[0] == 2:  # the first one is up or going up
+                    server.freeze()
+                    frozen_at.append(time.monotonic())
+        put(self, name, data, overwrite=overwrite)
+
+    monkeypatch.setattr(ObjectStoreBackend, "put", freeze_at_the_second_pack)
+    thaw = threading.Timer(THAW_AFTER, server.thaw)
+    thaw.start()
+    error: LiferaftError | None = None
+    try:
+        try:
+            vault.snapshot([work], run="r", step=2)
+        except VaultUnreachable as err:
+            error = err
+        ended = time.monotonic()
+    finally:
+        thaw.cancel()
+        server.thaw()
+    monkeypatch.setattr(ObjectStoreBackend, "put", put)
+    assert frozen_at, "no second pack went up: the store was never frozen"
+    held = ended - frozen_at[0]
+    assert held < FROZEN_BOUND, f"a frozen store held the snapshot for {held:.0f}s with a 3 s deadline and 2 s timeouts"
+    assert error is not None, f"the snapshot did not fail while the store was frozen ({held:.0f}s)"
+    text = _clear(error)
+    assert "still failing" in text and "committed snapshots are intact" in text, text
+
+    # The store is back: the supervisor's next snapshot, through the same client, commits.
+    second = vault.snapshot([work], run="r", step=3)
+    fresh = liferaft.Vault(url)
+    assert [s.id for s in fresh.snapshots()] == [first.id, second.id]
+    report = fresh.verify(read_data=True)  # every byte of both, against its hash
+    assert report.ok, report.damage
+    fresh.restore(first.id, to=tmp_path / "first")
+    assert tree_state(tmp_path / "first" / "work") == state

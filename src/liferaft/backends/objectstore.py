@@ -9,18 +9,38 @@ README's "Cloud vaults" section for exactly what holds there).
 Transient failures (reset connections, timeouts, 429, 5xx) are retried with
 exponential backoff and full jitter under a total deadline; then one clear error.
 Credentials are never printed, logged or stored.
+
+A store that stops answering must not hold a call for longer than its timeouts. The
+clients' own timeouts (aiohttp's sock_connect and sock_read, under botocore and gcsfs)
+start the read timeout only once a request body is sent: against a frozen server (the
+connection accepted by its kernel, nothing read) an S3 PUT waited for ever for the
+"100 Continue" botocore asks for, and a GCS upload for socket buffers that never drain.
+So:
+
+* S3 bodies go out without ``Expect: 100-continue`` (see ``_without_expect_continue``);
+* no progress: every connection is opened with TCP_USER_TIMEOUT set to the read
+  timeout (where the platform has it: Linux), so the kernel drops a connection whose
+  sent bytes go unacknowledged that long; a slow upload that keeps moving is never cut;
+* every call has a whole-call limit, enforced in fsspec's event loop, that grows with
+  the bytes it moves (a floor rate of ``MIN_TRANSFER_RATE``): the backstop where the
+  kernel cannot help (other platforms, a blocked token refresh, a client that waits
+  on something else).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
+import inspect
 import logging
 import os
 import random
+import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
@@ -35,7 +55,11 @@ PART_SIZE = 32 << 20  # S3: objects under 64 MiB (every pack) go up in one PUT; 
 GCS_RESUMABLE_FROM = 64 << 20  # GCS: smaller objects (every pack) go up in one request
 CONNECT_TIMEOUT = 10
 PROBE_PREFIX = "locks/.probe-"  # the create-only probe's objects: never listed
-READ_TIMEOUT = 60  # seconds without a byte from the server: the attempt fails and is retried
+READ_TIMEOUT = 60  # seconds without a byte from the server (or, sending, without an ACK): the attempt fails
+CLIENT_TRIES = 2  # tries inside one client call (botocore's total_max_attempts, gcsfs's retries), set below
+CALL_SLACK = 5.0  # seconds on top of a call's limit: the client's backoff between its tries, scheduling
+MIN_TRANSFER_RATE = 32 << 10  # bytes/s: a call moving N bytes may take N / this on top (256 kbit/s)
+CANCEL_GRACE = 5.0  # seconds a cancelled call gets to close its connection before we stop waiting
 
 
 class CredentialsError(StoreError):
@@ -48,6 +72,10 @@ class BucketNotFound(StoreError):
 
 class StoreUnreachable(StoreError, VaultUnreachable):
     """Transient failures went on past the retry deadline."""
+
+
+class CallTimeout(TimeoutError):
+    """One call to the store ran past its whole-call limit and was cancelled (transient)."""
 
 
 # Failures worth another try, by class name anywhere in the exception's MRO (so that
@@ -151,6 +179,7 @@ class ObjectStoreBackend(Backend):
         self._create_only: bool | None = options.pop("create_only", None)
         self._bucket_seen = False  # a GCS 404 does not say whether the object or the bucket is missing
         self.endpoint: str | None = None
+        self.timeouts = (float(CONNECT_TIMEOUT), float(READ_TIMEOUT))  # (connect, no progress), as configured
         self.fs = self._make_fs(options)
 
     # ------------------------------------------------------------ setup
@@ -169,6 +198,7 @@ class ObjectStoreBackend(Backend):
                 if "token" not in opts:
                     opts["token"] = gcs_token()
             opts.setdefault("requests_timeout", _aiohttp_timeout())
+            self.timeouts = _gcs_timeouts(opts["requests_timeout"])
             opts.setdefault("use_listings_cache", False)  # see the S3 case below
             _quiet_library_logs("gcsfs")
             try:
@@ -202,10 +232,17 @@ class ObjectStoreBackend(Backend):
         if endpoint and "region_name" not in client and not os.environ.get("AWS_REGION") and not os.environ.get("AWS_DEFAULT_REGION"):
             client["region_name"] = "us-east-1"  # S3-compatible stores want a region, any region; AWS finds its own
         config = dict(opts.pop("config_kwargs", {}) or {})
-        # Our own retry loop owns the deadline; let botocore try only twice per call.
-        config.setdefault("retries", {"max_attempts": 2, "mode": "standard"})
+        # Our own retry loop owns the deadline; let botocore try only twice per call
+        # (its "max_attempts" would count the retries alone: three tries).
+        config.setdefault("retries", {"total_max_attempts": CLIENT_TRIES, "mode": "standard"})
         config.setdefault("connect_timeout", CONNECT_TIMEOUT)
         config.setdefault("read_timeout", READ_TIMEOUT)
+        self.timeouts = (_seconds(config["connect_timeout"], CONNECT_TIMEOUT), _seconds(config["read_timeout"], READ_TIMEOUT))
+        sockets = _no_progress_sockets(self.timeouts[1])
+        if sockets is not None and _aiobotocore_takes_socket_factory():
+            connector = dict(config.get("connector_args") or {})
+            connector.setdefault("socket_factory", sockets)
+            config["connector_args"] = connector
         _quiet_library_logs("s3fs")
         if endpoint:
             # S3-compatible servers (R2, MinIO, B2, rclone) often lack the new default
@@ -239,7 +276,28 @@ class ObjectStoreBackend(Backend):
                 pass
         return False
 
-    # ------------------------------------------------------------ retries
+    # ------------------------------------------------------------ calls and retries
+
+    def _call_limit(self, nbytes: int) -> float:
+        """The longest one call moving ``nbytes`` may take: each of the client's tries may
+        connect and then wait out one silence, and the bytes may go at the floor rate."""
+        connect, stall = self.timeouts
+        return CLIENT_TRIES * (connect + stall) + CALL_SLACK + nbytes / MIN_TRANSFER_RATE
+
+    def _run(self, method: str, *args: Any, nbytes: int | None = 0, **kwargs: Any) -> Any:
+        """Call the client's coroutine ``_<method>`` in fsspec's event loop (what its sync
+        wrappers do), cancelled past the call limit for ``nbytes``; ``None``: a download of
+        unknown size, which only aiohttp's no-progress read timeout bounds."""
+        fs = self.fs
+
+        async def call() -> Any:
+            if self.scheme == "s3":
+                # s3fs makes (and after a closed session, remakes) its client here; the
+                # hook is registered once per client.
+                _without_expect_continue(await fs.set_session())
+            return await getattr(fs, f"_{method}")(*args, **kwargs)
+
+        return _run_bounded(fs.loop, call(), None if nbytes is None else self._call_limit(nbytes))
 
     def _path(self, name: str) -> str:
         if name.startswith("/") or ".." in name.split("/"):
@@ -307,11 +365,11 @@ class ObjectStoreBackend(Backend):
         def check() -> bool:
             if self.scheme == "gcs":
                 try:
-                    self.fs.call("GET", "b/{}", self.bucket, json_out=True)
+                    self._run("call", "GET", "b/{}", self.bucket, json_out=True)
                 except FileNotFoundError:
                     return False
                 return True
-            return bool(self.fs.exists(self.bucket))
+            return bool(self._run("exists", self.bucket))
 
         start = time.monotonic()
         while True:  # not through _retry: its not-found handling calls us
@@ -339,7 +397,9 @@ class ObjectStoreBackend(Backend):
         mode = "create" if create else "overwrite"
         self._retry(
             f"writing {name}",
-            lambda: self.fs.pipe_file(path, data, mode=mode, chunksize=PART_SIZE if self.scheme == "s3" else GCS_RESUMABLE_FROM),
+            lambda: self._run(
+                "pipe_file", path, data, nbytes=len(data), mode=mode, chunksize=PART_SIZE if self.scheme == "s3" else GCS_RESUMABLE_FROM
+            ),
         )
 
     def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
@@ -368,7 +428,7 @@ class ObjectStoreBackend(Backend):
 
         def read() -> bytes:
             try:
-                return bytes(self.fs.cat_file(path, start=offset or None, end=end))
+                return bytes(self._run("cat_file", path, nbytes=length, start=offset or None, end=end))
             except Exception as err:
                 if offset and _is_range_past_end(err):
                     return b""  # like a file read at its end: the caller sees a short read
@@ -381,7 +441,7 @@ class ObjectStoreBackend(Backend):
 
     def stat(self, name: str) -> ObjectInfo:
         path = self._path(name)
-        info = self._retry(f"checking {name}", lambda: self.fs.info(path))
+        info = self._retry(f"checking {name}", lambda: self._run("info", path))
         if info.get("type") == "directory":
             raise ObjectNotFound(name)
         return ObjectInfo(name, int(info.get("size") or 0), _mtime(info))
@@ -390,7 +450,7 @@ class ObjectStoreBackend(Backend):
         base = self._path(prefix.rstrip("/")) if prefix else self.root
 
         def find() -> dict[str, Any]:
-            return self.fs.find(base, detail=True)
+            return self._run("find", base, detail=True)
 
         try:
             found = self._retry(f"listing {prefix or '/'}", find)
@@ -409,7 +469,7 @@ class ObjectStoreBackend(Backend):
         path = self._path(name)
         if not self.exists(name):
             raise ObjectNotFound(name)
-        self._retry(f"deleting {name}", lambda: self.fs.rm_file(path))
+        self._retry(f"deleting {name}", lambda: self._run("rm_file", path))
 
     def exists(self, name: str) -> bool:
         try:
@@ -466,6 +526,122 @@ def _deadline(value: Any) -> float:
     return seconds
 
 
+def _seconds(value: Any, default: float) -> float:
+    """A configured timeout in seconds; ``None`` (no timeout) counts as the default here."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return float(default)
+    return seconds if 0 < seconds < float("inf") else float(default)
+
+
+def _gcs_timeouts(timeout: Any) -> tuple[float, float]:
+    """(connect, no progress) seconds from gcsfs's ``requests_timeout`` (an aiohttp
+    ClientTimeout, or a number: aiohttp's total)."""
+    connect = getattr(timeout, "sock_connect", None) or getattr(timeout, "connect", None)
+    stall = getattr(timeout, "sock_read", None) or getattr(timeout, "total", None)
+    if isinstance(timeout, (int, float)):
+        connect = stall = timeout
+    return _seconds(connect, CONNECT_TIMEOUT), _seconds(stall, READ_TIMEOUT)
+
+
+@dataclass(frozen=True)
+class _NoProgressSockets:
+    """aiohttp's ``socket_factory``: TCP sockets the kernel drops when bytes sent go
+    unacknowledged for ``seconds`` (TCP_USER_TIMEOUT; a zero receive window counts, so a
+    server that stops reading is caught mid-upload). Its repr is its value: fsspec keys
+    its instance cache on the options' text, and equal options must share one client."""
+
+    seconds: float
+
+    def __call__(self, addr_info: tuple[Any, ...]) -> socket.socket:
+        family, type_, proto = addr_info[0], addr_info[1], addr_info[2]
+        sock = socket.socket(family=family, type=type_, proto=proto)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(self.seconds * 1000)))
+        except (OSError, AttributeError):  # not TCP, or not this platform: the call limit still holds
+            pass
+        return sock
+
+
+def _no_progress_sockets(seconds: float) -> _NoProgressSockets | None:
+    """The socket factory for a no-progress limit, or None where the platform lacks it."""
+    if not hasattr(socket, "TCP_USER_TIMEOUT"):
+        return None
+    try:
+        import aiohttp
+
+        accepts = "socket_factory" in inspect.signature(aiohttp.TCPConnector).parameters  # aiohttp >= 3.12
+    except (ImportError, TypeError, ValueError):
+        return None
+    return _NoProgressSockets(seconds) if accepts else None
+
+
+def _aiobotocore_takes_socket_factory() -> bool:
+    """aiobotocore passes ``connector_args`` to aiohttp and checks their names; older
+    releases refuse ``socket_factory`` (then only the call limit holds)."""
+    try:
+        from aiobotocore.config import AioConfig
+
+        AioConfig(connector_args={"socket_factory": _NoProgressSockets(1.0)})
+    except Exception:
+        return False
+    return True
+
+
+def _without_expect_continue(client: Any) -> None:
+    """Send S3 request bodies at once, without ``Expect: 100-continue``. botocore asks for
+    it on every PutObject/UploadPart, and aiohttp then waits for the "100 Continue" with no
+    timeout at all (its read timeout starts once the body is sent): a frozen server held
+    a pack upload for ever. Sent at once, a stalled body is what the no-progress sockets
+    catch, and a small one is under the read timeout. The header is not signed (SigV4
+    leaves ``expect`` out), so it can go after signing. The cost: a PUT the server
+    refuses (a create-only collision) has sent its body in vain."""
+    events = getattr(getattr(client, "meta", None), "events", None)
+    if events is not None:
+        events.register("before-send.s3", _drop_expect_header, unique_id="liferaft-no-expect-continue")
+
+
+def _drop_expect_header(request: Any = None, **_kwargs: Any) -> None:
+    headers = getattr(request, "headers", None)
+    if headers is not None and "Expect" in headers:
+        del headers["Expect"]
+
+
+def _run_bounded(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], limit: float | None) -> T:
+    """Run ``coro`` in ``loop`` (another thread's) and wait; past ``limit`` seconds cancel it,
+    let it close its connection (aiohttp drops a cancelled request's connection, so the
+    session stays usable) and raise CallTimeout. A loop too blocked to cancel in time
+    does not hold us either: we stop waiting a grace period later."""
+
+    async def guarded() -> T:
+        task = asyncio.ensure_future(coro)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=limit)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not done:
+            task.cancel()
+            await asyncio.wait({task}, timeout=CANCEL_GRACE)
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: the cancellation is what counts
+            raise CallTimeout(f"no complete answer within {limit:.0f}s")
+        return task.result()
+
+    future = asyncio.run_coroutine_threadsafe(guarded(), loop)
+    try:
+        return future.result(None if limit is None else limit + 2 * CANCEL_GRACE)
+    except concurrent.futures.TimeoutError:
+        if not future.done():
+            future.cancel()
+            raise CallTimeout(f"no complete answer within {limit:.0f}s (the client's event loop is blocked)") from None
+        raise
+    except BaseException:
+        future.cancel()  # Ctrl-C while waiting: the call must not go on behind our back
+        raise
+
+
 def _aiohttp_timeout() -> Any:
     """Per-request limits for gcsfs (its default is a 5-minute total): connect, then silence."""
     import aiohttp
@@ -500,7 +676,24 @@ def _gcs_class() -> Any:
             inner = GCSFileSystem._request.__wrapped__
 
             class BoundedRetryGCSFileSystem(GCSFileSystem):  # type: ignore[misc, valid-type]
-                _request = retry_request(retries=2)(inner)  # one retry: an expired token is refreshed
+                _request = retry_request(retries=CLIENT_TRIES)(inner)  # one retry: an expired token is refreshed
+
+                async def _set_session(self) -> Any:
+                    # The no-progress sockets need a connector made in the running loop, where
+                    # gcsfs makes its session; a connector or client certificate of the user's wins.
+                    kwargs = self.session_kwargs
+                    sockets = None
+                    if self._session is None and "connector" not in kwargs and not getattr(self, "_use_client_cert", False):
+                        sockets = _no_progress_sockets(_gcs_timeouts(self.requests_timeout)[1])
+                    if sockets is None:
+                        return await super()._set_session()
+                    import aiohttp
+
+                    self.session_kwargs = {**kwargs, "connector": aiohttp.TCPConnector(socket_factory=sockets)}
+                    try:
+                        return await super()._set_session()
+                    finally:
+                        self.session_kwargs = kwargs  # the session owns that connector: never hand it to a second one
 
             cls = BoundedRetryGCSFileSystem
         except (ImportError, AttributeError, TypeError):  # pragma: no cover - other gcsfs versions
