@@ -154,7 +154,8 @@ def test_best_checkpoint_loads_by_lightnings_own_names_after_retention(tmp_path:
     (tested,) = t2.test(second, val, ckpt_path="best")  # step 8, fetched from the vault
     assert tested["test_loss"] == pytest.approx(first.val[8], abs=1e-6)
     t2.fit_loop.max_epochs = 6
-    t2.fit(second, train, val, ckpt_path="best")  # train on from the best
+    with pytest.warns(liferaft.checkpoint.CheckpointWarning, match="step-12 is older than step-20.*resumed from step-8"):
+        t2.fit(second, train, val, ckpt_path="best")  # train on from the best: a branch below the newest
     assert ck2.resumed_step == 8 and t2.global_step == 24
 
 
