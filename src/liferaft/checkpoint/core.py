@@ -571,7 +571,7 @@ class Checkpointer:
         except (VaultUnreachable, VaultFull) as err:
             # The checkpoint is whole on local disk: training goes on, and it is committed
             # by the next save or wait() (deleting it would lose the newest state).
-            self._newest_good = step if self._newest_good is None else max(self._newest_good, step)
+            self._mark_good(step)
             self._caught_up = False
             if not self._local_only:
                 self._warn(
@@ -591,12 +591,15 @@ class Checkpointer:
                 except OSError:
                     pass
             raise
-        self._newest_good = step if self._newest_good is None else max(self._newest_good, step)
+        self._mark_good(step)
         self._local_only.clear()  # the catch-up committed them
         try:
             self._retain(step)
         except LiferaftError as err:
             self._warn(f"retention after saving {folder.name} failed ({err}); it runs again after the next save")
+
+    def _mark_good(self, step: int) -> None:
+        self._newest_good = step if self._newest_good is None else max(self._newest_good, step)
 
     def _commit(self, folder: Path, manifest: fs.Manifest) -> SnapshotInfo | None:
         if self.vault is None:
@@ -831,7 +834,7 @@ class Checkpointer:
             if r is not None:
                 r.fallbacks = fallbacks
                 self._resumed = (s, r.snapshot_id)
-                self._newest_good = s if self._newest_good is None else max(self._newest_good, s)
+                self._mark_good(s)
                 return r
         raise CheckpointDamaged(
             f"no checkpoint of run {self.run!r} verifies ({len(fallbacks)} tried): {fallbacks[0]}",

@@ -170,11 +170,6 @@ class LiferaftCheckpointIO(CheckpointIO):
             name = ck._naming.name(step)
             where = f"{key} (liferaft checkpoint {name})" if Path(key).name != name else key
             policy = ck.policy
-            kept = [f"the newest {policy.keep_last}"] if policy.keep_last is not None else []
-            if policy.keep_best:
-                kept.append(f"the best {policy.keep_best} by {policy.monitor!r} ({policy.mode})")
-            if policy.keep_every:
-                kept.append(f"every multiple of {policy.keep_every}")
             fix = (
                 f"pass ckpt_path=cb.best_path() for the best by {policy.monitor!r}, or create the Checkpointer with "
                 "the monitor and mode of your ModelCheckpoint so that its best is kept"
@@ -182,7 +177,7 @@ class LiferaftCheckpointIO(CheckpointIO):
                 else "create the Checkpointer with the monitor and mode of your ModelCheckpoint so that its best is kept, "
                 "or pass ckpt_path=cb.resume_path() for the newest"
             )
-            raise LiferaftError(f"{where} was deleted by liferaft's retention (it keeps {' and '.join(kept) or 'all'})", fix)
+            raise LiferaftError(f"{where} was deleted by liferaft's retention (it keeps {policy.describe()})", fix)
         r = ck.restore(step)
         assert r is not None
         return r

@@ -37,6 +37,15 @@ class Policy:
         ):
             raise LiferaftError(f"keep_every={self.keep_every!r} is not a positive step count", "pass keep_every=1000 or None")
 
+    def describe(self) -> str:
+        """What the rules keep, in words: ``the newest 3 and the best 1 by 'val_loss' (min)``."""
+        kept = [f"the newest {self.keep_last}"] if self.keep_last is not None else []
+        if self.keep_best:
+            kept.append(f"the best {self.keep_best} by {self.monitor!r} ({self.mode})")
+        if self.keep_every:
+            kept.append(f"every multiple of {self.keep_every}")
+        return " and ".join(kept) or "all"
+
     def rank(self, metrics: Mapping[int, Mapping[str, float]]) -> list[int]:
         """Steps that have the monitored metric, best first (ties: the newer step first)."""
         if not self.monitor:
