@@ -305,12 +305,17 @@ def test_missing_bucket_and_unreachable_endpoint_are_one_clear_line(server: Stor
         {
             "list-missing": (server.env(), ["--vault", missing, "snapshots"]),
             "snapshot-missing": (server.env(), ["--vault", missing, "snapshot", str(src)]),
+            "bad-name": (server.env(), ["--vault", f"{server.scheme}://No_Such.Bucket-{uuid.uuid4().hex[:8]}/vault", "snapshots"]),
             "restore-dead": (dead, ["--vault", url, "restore", "--run", "r", "--to", str(tmp_path / "o")]),
         }
     )
     make = "gcloud storage buckets create" if server.kind == "gcs" else "aws s3 mb"
     for name in ("list-missing", "snapshot-missing"):
         _one_clear_line(results[name], "does not exist", f"{make} {missing.rsplit('/', 1)[0]}")
+    # A new bucket cannot have that name: the advice names one it can (S3 takes no underscores; GCS does).
+    bad = results["bad-name"]
+    _one_clear_line(bad, "does not exist", "a new bucket's name is 3-63 lowercase letters")
+    assert f"{make} {server.scheme}://no{'_' if server.kind == 'gcs' else '-'}such.bucket-" in bad.stderr, bad.stderr
     _one_clear_line(results["restore-dead"], "still failing", "check the network and the endpoint", "committed snapshots are intact")
     assert time.monotonic() - started < 120, "the retry deadline was not kept"
     assert not (tmp_path / "o").exists(), "a failed restore created its target"

@@ -36,6 +36,7 @@ import inspect
 import logging
 import os
 import random
+import re
 import socket
 import time
 import uuid
@@ -64,6 +65,22 @@ CANCEL_GRACE = 5.0  # seconds a cancelled call gets to close its connection befo
 
 class CredentialsError(StoreError):
     """The store refused our credentials (or we have none)."""
+
+
+def new_bucket_name(scheme: str, name: str) -> str:
+    """``name`` if a new bucket may have it, else the nearest name one may, or "" if none is near.
+
+    The rules for new buckets (S3: 3-63 lowercase letters, digits, dots and hyphens; GCS
+    also takes underscores), which are stricter than for old ones: an old S3 bucket may
+    be ``My_Bucket``, so a vault URL is never refused for its name, only the advice to
+    create it is kept to names the store accepts.
+    """
+    allowed = "a-z0-9._-" if scheme == "gcs" else "a-z0-9.-"
+    rule = re.compile(f"[a-z0-9][{allowed}]{{1,61}}[a-z0-9]")
+    if rule.fullmatch(name):
+        return name
+    near = re.sub(f"[^{allowed}]", "-", name.lower()).strip(".-_")
+    return near if rule.fullmatch(near) else ""
 
 
 class BucketNotFound(StoreError):
@@ -356,9 +373,19 @@ class ObjectStoreBackend(Backend):
         else:
             missing = False
         if missing:
+            make = "gcloud storage buckets create gs://" if self.scheme == "gcs" else "aws s3 mb s3://"
+            name = new_bucket_name(self.scheme, self.bucket)
+            if name == self.bucket:
+                fix = f"create it (e.g. {make}{name}) or fix the vault URL"
+            else:
+                rule = (
+                    "lowercase letters, digits, dots, hyphens and underscores"
+                    if self.scheme == "gcs"
+                    else "lowercase letters, digits, dots and hyphens"
+                )
+                fix = f"a new bucket's name is 3-63 {rule}: create one (e.g. {make}{name or 'my-vault'}) and put its name in the vault URL"
             raise BucketNotFound(
-                f"bucket {self.bucket!r} does not exist" + (f" at {self.endpoint}" if self.endpoint else ""),
-                f"create it (e.g. {'gcloud storage buckets create gs://' if self.scheme == 'gcs' else 'aws s3 mb s3://'}{self.bucket}) or fix the vault URL",
+                f"bucket {self.bucket!r} does not exist" + (f" at {self.endpoint}" if self.endpoint else ""), fix
             ) from None
 
     def _bucket_exists(self) -> bool:
