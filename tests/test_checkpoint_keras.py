@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,35 @@ def iterations(m) -> int:
     return int(keras.ops.convert_to_numpy(m.optimizer.iterations))
 
 
+def fine_tune(m) -> None:
+    """What fine-tuning does between fits: a new optimizer at a lower rate, its iterations from 0 again."""
+    for layer in m.layers:
+        layer.trainable = True
+    m.compile(optimizer=keras.optimizers.Adam(0.002), loss="mse")
+
+
+def frozen_model(seed: int, frozen: bool):
+    """model(seed), with its first layer frozen for the first fit() when ``frozen``."""
+    m = model(seed)
+    if frozen:
+        m.layers[0].trainable = False
+        m.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    return m
+
+
+def saved_steps(ck: liferaft.Checkpointer, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The step of each save() the callback makes, in order."""
+    steps: list[int] = []
+    save = ck.save
+
+    def recording(step: int, state, **kwargs) -> None:
+        steps.append(step)
+        save(step, state, **kwargs)
+
+    monkeypatch.setattr(ck, "save", recording)
+    return steps
+
+
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_resume_mid_epoch_with_an_unseeded_dropout_equals_uninterrupted_training(tmp_path: Path, shuffle: bool) -> None:
     # Dropout(seed=None) on torch draws its masks from torch's global generator, batch after batch:
@@ -186,7 +216,7 @@ def test_another_fit_of_the_same_model_trains_on_like_keras(tmp_path: Path, same
     assert [c.step for c in ck.checkpoints()] == [3, 5, 6, 9, 10, 12, 15, 18, 20, 21, 24, 25]  # every 3 batches, each epoch end
 
 
-def test_a_script_of_two_fits_cut_off_in_the_second_replays_on_a_fresh_machine(tmp_path: Path) -> None:
+def test_a_script_of_two_fits_cut_off_in_the_second_replays_on_a_fresh_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     x, y, _, _ = data()
     fit = {"epochs": 2, "batch_size": BATCH, "shuffle": False, "verbose": 0}
     reference = model(0)
@@ -196,6 +226,7 @@ def test_a_script_of_two_fits_cut_off_in_the_second_replays_on_a_fresh_machine(t
     vault = str(tmp_path / "vault")
     with machine(tmp_path / "m1"):
         ck = liferaft.Checkpointer("checkpoints", run="keras4", vault=vault)
+    steps = saved_steps(ck, monkeypatch)
     cb = LiferaftCallback(ck, save_freq=2)
     m = model(0)
     m.fit(x, y, callbacks=[cb], **fit)
@@ -206,6 +237,7 @@ def test_a_script_of_two_fits_cut_off_in_the_second_replays_on_a_fresh_machine(t
 
     with machine(tmp_path / "m2"):
         ck2 = liferaft.Checkpointer("checkpoints", run="keras4", vault=vault)
+    steps2 = saved_steps(ck2, monkeypatch)
     cb2 = LiferaftCallback(ck2, save_freq=2)
     resumed = model(123)
     with pytest.warns(liferaft.checkpoint.CheckpointWarning, match="fit\\(\\) call 2 of this model and this is call 1"):
@@ -216,6 +248,9 @@ def test_a_script_of_two_fits_cut_off_in_the_second_replays_on_a_fresh_machine(t
     assert len(second.history["loss"]) == 2  # the rest of its first epoch, then its second
     assert iterations(resumed) == 20
     same_weights(reference, resumed)
+    # the same optimizer went on through both fits: its iterations are the step numbers, with nothing added
+    assert steps == [2, 4, 5, 6, 8, 10, 12]
+    assert steps2 == [14, 15, 16, 18, 20]
 
 
 def test_stopped_while_skipping_the_trained_batches_then_run_again(tmp_path: Path) -> None:
@@ -239,3 +274,124 @@ def test_stopped_while_skipping_the_trained_batches_then_run_again(tmp_path: Pat
     assert len(hist.history["loss"]) == 2
     assert iterations(m) == 15
     same_weights(reference, m)
+
+
+@pytest.mark.parametrize("stopped", [False, True], ids=["uninterrupted", "stopped-and-run-again"])
+def test_a_recompile_between_fits_keeps_the_step_numbers_increasing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stopped: bool) -> None:
+    # fit, recompile with a new optimizer, fit again with the same callback: the second fit's
+    # checkpoints come after the first's, so retention keeps them and restore() takes the newest.
+    # Stopped in its third batch and run again, the second fit resumes from its own checkpoint 12.
+    x, y, _, _ = data()
+    fit = {"epochs": 2, "batch_size": BATCH, "shuffle": False, "verbose": 0}
+    plain = model(0)
+    plain.fit(x, y, **fit)
+    fine_tune(plain)
+    plain.fit(x, y, **fit)
+
+    ck = liferaft.Checkpointer(tmp_path / "checkpoints", run="keras6", vault=False, keep_last=2)
+    steps = saved_steps(ck, monkeypatch)
+    cb = LiferaftCallback(ck, save_freq=2)
+    m = model(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m.fit(x, y, callbacks=[cb], **fit)
+        fine_tune(m)
+        if stopped:
+            with pytest.raises(KeyboardInterrupt):
+                m.fit(x, y, callbacks=[cb, Record(stop_at_batch=2)], **fit)
+        m.fit(x, y, callbacks=[cb], **fit)
+    assert [str(w.message) for w in caught if issubclass(w.category, liferaft.checkpoint.CheckpointWarning)] == []
+    assert steps == [2, 4, 5, 6, 8, 10, 12, 14, 15, 16, 18, 20]  # the second fit's go on from the first's 10
+    if stopped:
+        assert cb.restored is not None and cb.restored.step == 12
+    kept = [c.step for c in ck.checkpoints()]
+    # keep_last=2 keeps the fine-tune's 18 and 20; the Checkpointer never deletes the one its process
+    # restored last: 10, which the second fit() looked at and trained on past, or 12, which it resumed from
+    assert kept[-2:] == [18, 20] and set(kept[:-2]) <= {12 if stopped else 10}
+    r = ck.restore()
+    assert r is not None and r.step == 20 and r.state["fit"] == 1 and r.state["epoch"] == 2
+    same_weights(plain, m)
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["lower-rate", "unfreeze"])
+def test_a_fine_tune_script_cut_off_in_its_second_fit_replays_on_a_fresh_machine(tmp_path: Path, frozen: bool) -> None:
+    # The same script on a fresh machine: the first fit takes the weights of the fine-tune's checkpoint and
+    # trains nothing, the second (after the recompile) resumes at its batch, with the same step numbers.
+    x, y, _, _ = data()
+    fit = {"epochs": 2, "batch_size": BATCH, "shuffle": False, "verbose": 0}
+    reference = frozen_model(0, frozen)
+    reference.fit(x, y, **fit)
+    fine_tune(reference)
+    full = Record()
+    reference.fit(x, y, callbacks=[full], **fit)
+
+    vault = str(tmp_path / "vault")
+    with machine(tmp_path / "m1"):
+        ck = liferaft.Checkpointer("checkpoints", run="keras7", vault=vault, keep_last=2)
+    cb = LiferaftCallback(ck, save_freq=2)
+    m = frozen_model(0, frozen)
+    m.fit(x, y, callbacks=[cb], **fit)
+    fine_tune(m)
+    with pytest.raises(KeyboardInterrupt):
+        m.fit(x, y, callbacks=[cb, Record(stop_at_batch=2)], **fit)  # cut off in its third batch, after step 10 + 2
+    ck.wait()
+    shutil.rmtree(tmp_path / "m1")  # fresh machine: the same script again
+
+    with machine(tmp_path / "m2"):
+        ck2 = liferaft.Checkpointer("checkpoints", run="keras7", vault=vault, keep_last=2)
+    cb2 = LiferaftCallback(ck2, save_freq=2)
+    resumed = frozen_model(123, frozen)
+    with pytest.warns(liferaft.checkpoint.CheckpointWarning, match="fit\\(\\) call 2 of this model and this is call 1"):
+        first = resumed.fit(x, y, callbacks=[cb2], **fit)
+    assert first.history == {}
+    fine_tune(resumed)
+    second = Record()
+    resumed.fit(x, y, callbacks=[cb2, second], **fit)
+    assert cb2.restored is not None and cb2.restored.step == 12 and cb2.restored.state["fit"] == 1
+    assert second.losses == {s: full.losses[s] for s in range(3, 11)}  # the rest of the fine-tune, loss for loss
+    assert iterations(resumed) == 10
+    same_weights(reference, resumed)
+    assert [c.step for c in ck2.checkpoints()] == [12, 18, 20]  # keep_last=2, and the one resumed from
+    r = ck2.restore()
+    assert r is not None and r.step == 20 and r.state["fit"] == 1
+
+
+class Noise(keras.layers.Layer):
+    """Gaussian noise in training from an unseeded keras.random call: Keras's global SeedGenerator draws it."""
+
+    def call(self, x, training=False):
+        if training:
+            return x + keras.random.normal(keras.ops.shape(x), stddev=0.5)
+        return x
+
+
+def noisy_model(seed: int | None):
+    if seed is not None:
+        keras.utils.set_random_seed(seed)  # also drops Keras's global SeedGenerator: the next draw makes a new one
+    m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(16, activation="relu"), Noise(), keras.layers.Dense(1)])
+    m.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    return m
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh-process", "same-process"])
+def test_resume_mid_epoch_with_unseeded_keras_random_draws_equals_uninterrupted_training(tmp_path: Path, fresh: bool) -> None:
+    # keras.random.normal(shape) with no seed draws from Keras's global SeedGenerator, a state outside the
+    # model and outside torch's generators: a resume must carry on from it as of the checkpoint's batch.
+    x, y, _, _ = data()
+    fit = {"epochs": EPOCHS, "batch_size": BATCH, "shuffle": False, "verbose": 0}
+    full = Record()
+    reference = noisy_model(0)
+    reference.fit(x, y, callbacks=[full], **fit)
+
+    ck = liferaft.Checkpointer(tmp_path / "checkpoints", run="keras8", vault=False)
+    with pytest.raises(KeyboardInterrupt):
+        noisy_model(0).fit(x, y, callbacks=[LiferaftCallback(ck, save_freq=2), Record(stop_at=9)], **fit)
+    ck.wait()
+    second = Record()
+    # a fresh process has other generators (none of Keras's yet); the same one, run again, has them as the cut-off run left them
+    resumed = noisy_model(123 if fresh else None)
+    cb = LiferaftCallback(ck, save_freq=2)
+    resumed.fit(x, y, callbacks=[cb, second], **fit)
+    assert cb.restored is not None and cb.restored.step == 8
+    assert second.losses == {s: full.losses[s] for s in range(9, 16)}  # loss for loss
+    same_weights(reference, resumed)

@@ -25,6 +25,13 @@ checkpoint records which ``fit()`` of the model saved it, so on a fresh machine 
 ``fit()`` calls replay in order: one the checkpoint is already past takes its weights and
 trains nothing, the one that was cut off resumes at its epoch and batch.
 
+Checkpoints are numbered by the optimizer's iterations. A ``compile()`` between two ``fit()``
+calls (fine-tuning at a lower rate, or after unfreezing layers) brings a new optimizer that
+counts from 0 again: that fit()'s checkpoints are numbered on from the step where the one
+before ended (the offset goes into each checkpoint, so a resume on a fresh machine numbers
+them the same), so retention keeps the fine-tune's newest and ``restore()`` takes them.
+With the same optimizer the iterations go on and are the step numbers, nothing added.
+
 Resuming in the middle of an epoch is exact when the epoch's batch order comes out the
 same: ``shuffle=False`` (over data you shuffle per epoch yourself), a
 ``keras.utils.PyDataset`` that shuffles from the epoch number, a seeded ``tf.data``
@@ -32,8 +39,9 @@ pipeline, or on the torch backend ``shuffle=True`` on arrays (Keras draws that o
 torch's global generator as the epoch begins, and the callback puts the generators back
 as of then). Random draws in the model carry on exactly too: a seeded layer's seed state
 is a model variable, and the global generators (an unseeded ``Dropout`` draws from
-torch's on the torch backend) are put back as of the checkpoint's batch once the batches
-before it have gone by. With ``steps_per_epoch`` set, Keras makes an epoch's iterator at
+torch's on the torch backend, an unseeded ``keras.random.normal(...)`` call from Keras's
+global SeedGenerator) are put back as of the checkpoint's batch once the batches before
+it have gone by. With ``steps_per_epoch`` set, Keras makes an epoch's iterator at
 the end of the one before, so the global draws after a resume differ.
 """
 
@@ -41,7 +49,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 
@@ -49,9 +57,22 @@ from ..errors import LiferaftError
 from .core import Checkpointer, CheckpointWarning, Restored
 from .rng import capture_rng, restore_rng
 
-# How many fit() calls with the callback each model has finished in this process, per run: a
-# model that has is newer than the run's checkpoints, so its next fit() trains on from it.
-_FITS_DONE: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], int]] = weakref.WeakKeyDictionary()
+try:  # Keras's global SeedGenerator, which unseeded keras.random calls draw from: no public way to it
+    from keras.src.backend.common import global_state as _global_state
+    from keras.src.random import seed_generator as _seed_generator
+except ImportError:  # pragma: no cover - another Keras layout: that generator is left as it is
+    _global_state = _seed_generator = None  # type: ignore[assignment]
+
+
+class _Done(NamedTuple):
+    """What a model's fit() calls with the callback on one run have done in this process."""
+
+    fits: int  # how many finished: a model that finished one is newer than the run's checkpoints
+    step: int  # the run's step number where the last one ended
+
+
+# Per model and run: its next fit() trains on from the model, and numbers its checkpoints on from ``step``.
+_FITS_DONE: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], _Done]] = weakref.WeakKeyDictionary()
 
 
 def _arrays(variables: list[Any]) -> list[Any]:
@@ -71,6 +92,34 @@ def _assign(variables: list[Any], arrays: list[Any], what: str, name: str) -> No
                 "resume with the same model and optimizer as the run that saved it",
             )
         v.assign(a)
+
+
+def _global_seeds_known() -> bool:
+    return hasattr(_global_state, "get_global_attribute") and hasattr(_seed_generator, "GLOBAL_SEED_GENERATOR")
+
+
+def _capture() -> dict[str, Any]:
+    """The global generators (:func:`capture_rng`) and Keras's global SeedGenerator: its state, or None
+    while there is none (``keras.utils.set_random_seed`` drops it; the next unseeded draw makes one)."""
+    out = capture_rng()
+    if _global_seeds_known():
+        gen = _global_state.get_global_attribute(_seed_generator.GLOBAL_SEED_GENERATOR)
+        out["keras"] = keras.ops.convert_to_numpy(gen.state) if gen is not None else None
+    return out
+
+
+def _restore(rng: dict[str, Any]) -> None:
+    """Put back what :func:`_capture` took (a checkpoint without ``"keras"`` leaves that generator as it is)."""
+    if "keras" in rng and _global_seeds_known():
+        name = _seed_generator.GLOBAL_SEED_GENERATOR
+        if rng["keras"] is None:
+            _global_state.set_global_attribute(name, None)
+        else:
+            gen = _global_state.get_global_attribute(name)
+            if gen is None:
+                gen = _seed_generator.global_seed_generator()  # draws its seed from Python's random, put back below
+            gen.state.assign(rng["keras"])
+    restore_rng({k: v for k, v in rng.items() if k != "keras"})
 
 
 def _numbers(logs: dict[str, Any] | None) -> dict[str, float]:
@@ -106,6 +155,7 @@ class LiferaftCallback(keras.callbacks.Callback):
         self.resume = resume
         self.restored: Restored | None = None
         self._fit = 0  # which fit() of this model on this run is under way (0 for the first)
+        self._offset = 0  # the step number is this plus the optimizer's iterations
         self._epoch = 0
         self._batch = 0
         self._epoch_rng: dict[str, Any] | None = None
@@ -121,18 +171,29 @@ class LiferaftCallback(keras.callbacks.Callback):
         optimizer = model.optimizer
         return {
             "fit": self._fit,
+            "offset": self._offset,  # step number = offset + optimizer iterations, in this fit()
             "epoch": epoch,  # epochs finished before this point
             "batch": batch,  # batches done in the epoch under way
             "model": _arrays(model.variables),
             "optimizer": _arrays(optimizer.variables) if optimizer is not None else [],
             "metrics": _arrays(model.metrics_variables) if batch else [],
-            "rng": rng,  # the global generators as of this point
+            "rng": rng,  # the global generators (and Keras's global SeedGenerator) as of this point
             "epoch_rng": epoch_rng,  # and as of the epoch's start, which its batch order was drawn from
         }
 
-    def _step(self) -> int:
+    def _iterations(self) -> int:
         optimizer = self.model.optimizer
         return int(keras.ops.convert_to_numpy(optimizer.iterations)) if optimizer is not None else self._epoch
+
+    def _step(self) -> int:
+        """The run's step number: the optimizer's iterations, after the steps of the fit() calls before
+        a recompile (whose new optimizer counts from 0 again)."""
+        return self._offset + self._iterations()
+
+    def _number_from(self, step: int) -> None:
+        """Number this fit()'s steps on from ``step``, where the run is: the optimizer's iterations when
+        they have gone on from there (the same optimizer), else after it (a new one counts from 0)."""
+        self._offset = max(0, step - self._iterations())
 
     def _run_key(self) -> tuple[str, str]:
         return (str(self.checkpointer.directory), self.checkpointer.run)
@@ -178,9 +239,11 @@ class LiferaftCallback(keras.callbacks.Callback):
         self._stop_skipping()  # one a cut-off fit() left behind
         self.restored = self._pending = self._skip = None
         model = self.model
-        self._fit = _FITS_DONE.get(model, {}).get(self._run_key(), 0)
+        done = _FITS_DONE.get(model, {}).get(self._run_key(), _Done(0, 0))
+        self._fit = done.fits
         r = self.checkpointer.restore() if self.resume else None
         if r is None:
+            self._number_from(done.step)
             return
         state = r.state
         if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
@@ -189,14 +252,17 @@ class LiferaftCallback(keras.callbacks.Callback):
             )
         fit = int(state.get("fit", 0))
         if fit < self._fit:
+            self._number_from(max(done.step, r.step))
             return  # saved by an earlier fit() of this model, which has trained on since
         self.restored = r
         if fit == self._fit:
             self._apply(r)
+            self._offset = int(state.get("offset", 0))
             return
         # A later fit() saved it, so this one had finished (a script replayed on a fresh machine): only the
         # weights, as that fit() may have another optimizer (fine-tuning recompiles), and no epoch to train.
         self._apply(r, weights_only=True)
+        self._number_from(r.step)
         self._start_at(int(self.params["epochs"]))
         warnings.warn(
             f"liferaft: checkpoint {r.path.name} was saved by fit() call {fit + 1} of this model and this is call "
@@ -212,12 +278,12 @@ class LiferaftCallback(keras.callbacks.Callback):
         if pending is not None and pending["epoch"] == epoch:
             if not pending["batch"]:
                 if pending["rng"] is not None:
-                    restore_rng(pending["rng"])
+                    _restore(pending["rng"])
             else:
                 if pending["epoch_rng"] is not None:
-                    restore_rng(pending["epoch_rng"])  # the batch order drawn as this epoch begins
+                    _restore(pending["epoch_rng"])  # the batch order drawn as this epoch begins
                 self._start_skipping(pending)
-        self._epoch_rng = capture_rng()
+        self._epoch_rng = _capture()
 
     def _start_skipping(self, pending: dict[str, Any]) -> None:
         """Let the first ``pending["batch"]`` batches of this epoch go by untrained: they were trained before."""
@@ -247,7 +313,7 @@ class LiferaftCallback(keras.callbacks.Callback):
         if pending["metrics"]:
             _assign(self.model.metrics_variables, pending["metrics"], "metrics", "resumed")
         if pending["rng"] is not None:
-            restore_rng(pending["rng"])
+            _restore(pending["rng"])
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._batch = batch + 1
@@ -262,7 +328,7 @@ class LiferaftCallback(keras.callbacks.Callback):
             return  # the epoch-end save covers the last batch
         step = self._step()
         if step % int(self.save_freq) == 0:
-            self.checkpointer.save(step, self._state(self._epoch, self._batch, capture_rng(), self._epoch_rng), metrics=_numbers(logs))
+            self.checkpointer.save(step, self._state(self._epoch, self._batch, _capture(), self._epoch_rng), metrics=_numbers(logs))
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if self._skip is not None:
@@ -274,13 +340,13 @@ class LiferaftCallback(keras.callbacks.Callback):
                 CheckpointWarning,
                 stacklevel=2,
             )
-        self.checkpointer.save(self._step(), self._state(epoch + 1, 0, capture_rng(), None), metrics=_numbers(logs))
+        self.checkpointer.save(self._step(), self._state(epoch + 1, 0, _capture(), None), metrics=_numbers(logs))
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._stop_skipping()
         self._skip = self._pending = None
         self._leave_initial_epoch()
-        _FITS_DONE.setdefault(self.model, {})[self._run_key()] = self._fit + 1
+        _FITS_DONE.setdefault(self.model, {})[self._run_key()] = _Done(self._fit + 1, self._step())
         self.checkpointer.wait()
 
     # ------------------------------------------------------------ best
