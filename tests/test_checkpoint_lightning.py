@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,92 @@ def test_lightning_names_retention_deleted_fail_with_what_to_do(tmp_path: Path) 
         t.test(model, val, ckpt_path=tmp_path / "nothing.ckpt")
     (tested,) = t.test(model, val, ckpt_path=cb.best_path())  # the fix the error names
     assert tested["test_loss"] == pytest.approx(model.val[8], abs=1e-6)
+
+
+def test_ckpt_path_last_is_the_newest_liferaft_checkpoint_here_or_in_the_vault(tmp_path: Path) -> None:
+    train, val = loaders()
+    full = Tiny(0)
+    trainer(tmp_path / "full", 4, []).fit(full, train, val)
+    vault = str(tmp_path / "vault")
+
+    def on(where: Path) -> tuple[liferaft.Checkpointer, LiferaftLightning]:
+        with machine(where):
+            ck = liferaft.Checkpointer("checkpoints", run="pl", vault=vault, keep_last=1)
+        return ck, LiferaftLightning(ck)
+
+    # A first run: no checkpoint anywhere, so "last" trains from scratch, without Lightning's save_last hint.
+    ck, cb = on(tmp_path / "m1")
+    first = Tiny(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path / "m1", 2, [cb]).fit(first, train, val, ckpt_path="last")
+    assert not [w for w in caught if "no last checkpoint" in str(w.message)]
+    assert ck.resumed_step is None and first.losses == {s: full.losses[s] for s in range(8)}
+
+    # The same machine again (a new process): step-8 from the folder.
+    ck, cb = on(tmp_path / "m1")
+    again = Tiny(42)  # other initial weights: they must come from the checkpoint
+    t = trainer(tmp_path / "m1", 3, [cb])
+    t.fit(again, train, val, ckpt_path="last")
+    assert ck.resumed_step == 8 and t.ckpt_path == str(tmp_path / "m1" / "checkpoints" / "step-8")
+    assert t.global_step == 12 and again.losses == {s: full.losses[s] for s in range(8, 12)}
+    shutil.rmtree(tmp_path / "m1")  # a fresh machine
+
+    # A fresh machine: step-12 from the vault, and training goes on loss for loss.
+    ck, cb = on(tmp_path / "m2")
+    second = Tiny(7)
+    t = trainer(tmp_path / "m2", 4, [cb])
+    t.fit(second, train, val, ckpt_path="last")
+    assert ck.resumed_step == 12 and t.ckpt_path == str(tmp_path / "m2" / "checkpoints" / "step-12")
+    assert t.global_step == 16 and second.losses == {s: full.losses[s] for s in range(12, 16)}
+    for a, b in zip(full.parameters(), second.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+    # validate/test(ckpt_path="last") load the newest checkpoint too, not the weights in memory.
+    with torch.no_grad():
+        for p in second.parameters():
+            p.zero_()
+    (validated,) = t.validate(second, val, ckpt_path="last")
+    assert t.ckpt_path == str(tmp_path / "m2" / "checkpoints" / "step-16")
+    assert validated["val_loss"] == pytest.approx(full.val[16], abs=1e-6)
+
+
+@pytest.mark.parametrize("save_last", [True, "link"])
+def test_save_last_left_on_keeps_one_checkpoint_per_step_and_its_name_loads(tmp_path: Path, save_last: bool | str) -> None:
+    train, val = loaders()
+    ck = liferaft.Checkpointer(tmp_path / "checkpoints", run="pl", vault=str(tmp_path / "vault"), keep_last=2)
+    cb = LiferaftLightning(ck)
+    mc = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "lightning", save_last=save_last)  # a folder nothing else creates
+    t = trainer(tmp_path, 2, [cb, mc])
+    model = Scored(0)
+    t.fit(model, train, val)  # "link" linked last.ckpt into a folder that did not exist: FileNotFoundError
+    assert [c.step for c in ck.checkpoints()] == [4, 8]
+    assert sorted(s.step for s in ck.vault.snapshots(run="pl")) == [4, 8]  # the second save of a step replaced the first
+    assert Path(mc.last_model_path).name == "last.ckpt" and not Path(mc.last_model_path).exists()
+    for name in (mc.last_model_path, "last"):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        (tested,) = t.test(model, val, ckpt_path=name)
+        assert tested["test_loss"] == pytest.approx(model.val[8], abs=1e-6), name
+
+
+def test_a_lightning_name_restores_its_step_with_one_vault_listing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    train, val = loaders()
+    ck = liferaft.Checkpointer(tmp_path / "checkpoints", run="pl", vault=str(tmp_path / "vault"), keep_last=2, monitor="score")
+    cb = LiferaftLightning(ck)
+    mc = pl.callbacks.ModelCheckpoint(monitor="score", save_top_k=2)
+    t = trainer(tmp_path, 3, [cb, mc])
+    model = Scored(0)
+    t.fit(model, train, val)
+    assert mc.best_model_path.endswith("epoch=1-step=8.ckpt")
+    listings = []
+    snapshots = ck.vault.snapshots
+    monkeypatch.setattr(ck.vault, "snapshots", lambda *a, **k: listings.append(a) or snapshots(*a, **k))
+    (tested,) = t.test(model, val, ckpt_path="best")
+    assert tested["test_loss"] == pytest.approx(model.val[8], abs=1e-6)
+    assert len(listings) == 1
+    shutil.rmtree(tmp_path / "checkpoints" / "step-8")  # from the vault: listed once, then fetched
+    (tested,) = t.test(model, val, ckpt_path=mc.best_model_path)
+    assert tested["test_loss"] == pytest.approx(model.val[8], abs=1e-6)
+    assert len(listings) == 2

@@ -6,7 +6,7 @@
 ...                            monitor="val_loss")                             # doctest: +SKIP
 >>> cb = LiferaftLightning(ck)                                                 # doctest: +SKIP
 >>> trainer = L.Trainer(max_epochs=10, callbacks=[cb])                          # doctest: +SKIP
->>> trainer.fit(model, ckpt_path=cb.resume_path())     # None on a first run    # doctest: +SKIP
+>>> trainer.fit(model, ckpt_path="last")               # the newest, if any    # doctest: +SKIP
 >>> trainer.test(model, ckpt_path="best")              # ModelCheckpoint's best # doctest: +SKIP
 >>> best = Model.load_from_checkpoint(cb.export("best.ckpt", best=True))       # doctest: +SKIP
 
@@ -16,9 +16,12 @@ The callback installs :class:`LiferaftCheckpointIO` as the Trainer's checkpoint 
 stored without pickle where it is tensors and plain values) and a vault snapshot tagged
 with the step and ``trainer.callback_metrics``. Which checkpoints stay is liferaft's
 retention (``keep_last``, ``keep_best``, ``keep_every``); ``ModelCheckpoint``'s requests
-to delete files are ignored. Leave ``save_last`` off: the newest liferaft checkpoint is
-"last". ``Trainer(..., ckpt_path=cb.resume_path())`` loads the newest checkpoint that
-verifies, from the folder or, on a fresh machine, from the vault.
+to delete files are ignored. ``ckpt_path="last"`` (in ``fit``, ``validate``, ``test``,
+``predict``) loads the newest checkpoint that verifies, from the folder or, on a fresh
+machine, from the vault, as ``ckpt_path=cb.resume_path()`` does; on a first run there is
+none and ``fit`` starts from scratch. Leave ``save_last`` off: ``True`` saves each
+checkpoint twice (the Trainer waits for the first copy), ``"link"`` leaves a dangling
+``last.ckpt`` link.
 
 No ``.ckpt`` file is written where ``ModelCheckpoint`` names one. The plugin remembers
 which step each name was saved as (and keeps that in the checkpoints, so it survives a
@@ -32,6 +35,9 @@ writes.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 import os
 import warnings
 from pathlib import Path
@@ -78,6 +84,7 @@ class LiferaftCheckpointIO(CheckpointIO):
         self._loaded: dict[str, Restored] = {}
         self._paths: dict[str, int] = {}
         self._plain = TorchCheckpointIO()
+        _resolve_last_through_liferaft()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         metrics = dict(checkpoint.pop(METRICS_KEY, None) or {})
@@ -85,6 +92,8 @@ class LiferaftCheckpointIO(CheckpointIO):
             metrics = _monitored(checkpoint)
         step = int(checkpoint.get("global_step", 0))
         key = _key(path)
+        if "://" not in key:  # as Lightning's own plugin does: save_last="link" links last.ckpt in this folder
+            os.makedirs(os.path.dirname(key), exist_ok=True)
         self._paths.pop(key, None)  # re-inserted last: the newest name
         self._paths[key] = step
         self._forget_unreferenced(checkpoint)
@@ -162,11 +171,21 @@ class LiferaftCheckpointIO(CheckpointIO):
                 f"{key} is a liferaft checkpoint of another checkpoints folder than {self.checkpointer.directory}",
                 "restore it with a Checkpointer on that folder",
             )
-        return self._paths.get(key)
+        step = self._paths.get(key)
+        if step is None and os.path.islink(key):  # save_last="link": last.ckpt links to the name saved through liferaft
+            step = self._paths.get(_key(os.path.join(os.path.dirname(key), os.readlink(key))))
+        return step
 
     def _restore_step(self, step: int, key: str) -> Restored:
         ck = self.checkpointer
-        if step not in {c.step for c in ck.checkpoints()}:
+        try:
+            r = ck.restore(step)
+        except LiferaftError as err:
+            # restore(step) lists the checkpoints itself. A step it does not find raises a plain
+            # LiferaftError (vault, damage and save failures are subclasses): list again only then,
+            # to tell a step retention deleted from any other failure.
+            if type(err) is not LiferaftError or any(c.step == step for c in ck.checkpoints()):
+                raise
             name = ck._naming.name(step)
             where = f"{key} (liferaft checkpoint {name})" if Path(key).name != name else key
             policy = ck.policy
@@ -177,8 +196,7 @@ class LiferaftCheckpointIO(CheckpointIO):
                 else "create the Checkpointer with the monitor and mode of your ModelCheckpoint so that its best is kept, "
                 "or pass ckpt_path=cb.resume_path() for the newest"
             )
-            raise LiferaftError(f"{where} was deleted by liferaft's retention (it keeps {policy.describe()})", fix)
-        r = ck.restore(step)
+            raise LiferaftError(f"{where} was deleted by liferaft's retention (it keeps {policy.describe()})", fix) from None
         assert r is not None
         return r
 
@@ -208,6 +226,67 @@ def _monitored(checkpoint: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+_NO_LAST = r'.*ckpt_path="last"\) is set, but there is no last checkpoint'  # Lightning's warning, with its save_last hint
+
+
+def _liferaft_io(trainer: Any) -> LiferaftCheckpointIO | None:
+    """The liferaft plugin that will load this Trainer's checkpoints, or None if it has none."""
+    # Read without Strategy.checkpoint_io, which would install a default plugin on a Trainer that is not ours.
+    io = getattr(getattr(trainer, "strategy", None), "_checkpoint_io", None)
+    if isinstance(io, LiferaftCheckpointIO):  # plugins=[cb.io], or the callback's setup has run
+        return io
+    for callback in getattr(trainer, "callbacks", None) or []:
+        if isinstance(callback, LiferaftLightning):
+            return callback.io  # its setup installs it before anything is loaded
+    return None
+
+
+def _resolve_last_through_liferaft() -> None:
+    """Make ``ckpt_path="last"`` the newest liferaft checkpoint on Trainers that save through liferaft.
+
+    Lightning turns "last" into a path in ``_CheckpointConnector._parse_ckpt_path``, before
+    any callback hook runs, by looking for ``last*.ckpt`` files, which liferaft never
+    writes: it found none and trained from scratch. Wrapped once per process; a Trainer
+    without a liferaft plugin or callback gets Lightning's own answer.
+    """
+    try:
+        module = importlib.import_module(f"{pl.__name__}.trainer.connectors.checkpoint_connector")
+        connector = module._CheckpointConnector
+        original = connector._parse_ckpt_path
+        signature = inspect.signature(original)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        warnings.warn(
+            'liferaft: this Lightning version resolves ckpt_path="last" in a way liferaft does not know, so it finds no '
+            "checkpoint; pass ckpt_path=cb.resume_path()",
+            CheckpointWarning,
+            stacklevel=3,
+        )
+        return
+    if getattr(original, "_liferaft", False):
+        return
+
+    @functools.wraps(original)
+    def parse_ckpt_path(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            ckpt_path = signature.bind(self, *args, **kwargs).arguments.get("ckpt_path")
+        except TypeError:
+            ckpt_path = None
+        io = _liferaft_io(getattr(self, "trainer", None)) if isinstance(ckpt_path, str) and ckpt_path == "last" else None
+        if io is None:
+            return original(self, *args, **kwargs)
+        path = io.resume_path()  # the newest that verifies, from the vault on a fresh machine
+        if path is not None:
+            return path
+        # A first run: Lightning's answer (a last.ckpt written without liferaft, else None), without its
+        # hint to set save_last=True, which would only save each checkpoint twice.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_NO_LAST)
+            return original(self, *args, **kwargs)
+
+    parse_ckpt_path._liferaft = True  # type: ignore[attr-defined]
+    connector._parse_ckpt_path = parse_ckpt_path
+
+
 class LiferaftLightning(pl.Callback):
     """Route the Trainer's checkpoints through a Checkpointer and resume from the newest valid one.
 
@@ -223,7 +302,7 @@ class LiferaftLightning(pl.Callback):
     >>> ck = liferaft.Checkpointer("checkpoints", run="mnist", keep_last=1, monitor="val_loss")  # doctest: +SKIP
     >>> cb = LiferaftLightning(ck)                                                             # doctest: +SKIP
     >>> trainer = L.Trainer(max_epochs=10, callbacks=[cb, ModelCheckpoint(monitor="val_loss")])  # doctest: +SKIP
-    >>> trainer.fit(model, ckpt_path=cb.resume_path())                                         # doctest: +SKIP
+    >>> trainer.fit(model, ckpt_path="last")     # or cb.resume_path(): the newest, from the vault if need be  # doctest: +SKIP
     >>> trainer.test(model, ckpt_path="best")                                                  # doctest: +SKIP
     >>> model = Model.load_from_checkpoint(cb.export("best.ckpt", best=True))                  # doctest: +SKIP
     """
@@ -268,6 +347,8 @@ class LiferaftLightning(pl.Callback):
 
     def resume_path(self) -> str | None:
         """Pass to ``trainer.fit(..., ckpt_path=...)``: the newest valid checkpoint, or None on a first run.
+
+        What ``ckpt_path="last"`` loads on a Trainer with this callback.
 
         >>> trainer.fit(model, ckpt_path=cb.resume_path())      # doctest: +SKIP
         """
