@@ -9,6 +9,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -118,3 +119,28 @@ def one_line_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:
     assert len(lines) == 1, r.stderr
     for n in needles:
         assert n in lines[0], lines[0]
+
+
+def popen_where_file_modes_hold(args: list[str], **kw: Any) -> subprocess.Popen[str]:
+    """Start a child process for which file modes hold, to meet a real EACCES.
+
+    The tests may run as root, which reads and writes whatever a mode says (through
+    CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH): the child then drops both from its
+    bounding set before exec, and so has neither after. It keeps its user, so it still
+    reaches the interpreter and the files the test made.
+    """
+    if os.geteuid() != 0:
+        return subprocess.Popen(args, text=True, **kw)
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def drop() -> None:
+        for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+            if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+    try:
+        return subprocess.Popen(args, text=True, preexec_fn=drop, **kw)
+    except (OSError, subprocess.SubprocessError) as err:
+        pytest.skip(f"cannot drop root's file access capabilities here: {err}")

@@ -272,6 +272,70 @@ def test_new_file_changing_while_read_is_left_out(local_vault: str, tmp_path: Pa
     assert sorted(os.listdir(tmp_path / "back" / "d")) == ["keep"]
 
 
+def test_unreadable_file_is_skipped_with_its_reason_not_taken_as_busy(local_vault: str, tmp_path: Path) -> None:
+    # It was reported as "changed while read", so the background syncer committed the same
+    # tree again on every pass and retried at once. Root reads any file: the snapshots run
+    # in a child for which the mode-000 files are really unreadable (EACCES).
+    from conftest import popen_where_file_modes_hold
+
+    src = make_tree(tmp_path / "ckpt", {"model.pt": "weights", "notes.txt": "n", "locked.bin": "never readable"})
+    os.chmod(src / "locked.bin", 0)
+    script = """
+import json, os, sys
+import liferaft
+
+src, vault = sys.argv[1], liferaft.Vault(sys.argv[2])
+first = vault.snapshot([src], run="r")
+os.chmod(os.path.join(src, "model.pt"), 0)  # read once, unreadable since
+idle = vault.snapshot([src], run="r", skip_unchanged=True)
+forced = vault.snapshot([src], run="r")
+print(json.dumps([[s.id, s.unchanged, s.stats] for s in (first, idle, forced)]))
+"""
+    child = popen_where_file_modes_hold([sys.executable, "-c", script, str(src), local_vault], stdout=subprocess.PIPE)
+    out, _ = child.communicate(timeout=60)
+    assert child.returncode == 0
+    (first_id, _, first), (idle_id, idle_unchanged, idle), (forced_id, _, forced) = json.loads(out)
+    assert first["skipped"] == [f"{src}/locked.bin: Permission denied"] and first["changed_during_read"] == []
+    assert idle_unchanged and idle_id == first_id  # the same tree: nothing committed
+    assert idle["changed_during_read"] == [] and idle["skipped"] == [
+        f"{src}/locked.bin: Permission denied",
+        f"{src}/model.pt: Permission denied; its previous version is kept",
+    ]
+    assert forced["changed_during_read"] == [] and len(forced["skipped"]) == 2
+    liferaft.Vault(local_vault).restore(forced_id, to=tmp_path / "back")
+    assert sorted(os.listdir(tmp_path / "back" / "ckpt")) == ["model.pt", "notes.txt"]
+    assert (tmp_path / "back" / "ckpt" / "model.pt").read_text() == "weights"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/mem is Linux's")
+def test_file_failing_with_an_io_error_is_skipped_not_taken_as_busy(local_vault: str, tmp_path: Path) -> None:
+    # What a flaky Drive mount gives ("[Errno 5] Input/output error"): /proc/self/mem is a
+    # regular file whose read at offset 0 fails with a real EIO.
+    src = make_tree(tmp_path / "ckpt", {"model.pt": "w"})
+    vault = liferaft.Vault(local_vault)
+    first = vault.snapshot([src, "/proc/self/mem"], run="r")
+    assert first.stats["skipped"] == ["/proc/self/mem: Input/output error"] and first.stats["changed_during_read"] == []
+    again = vault.snapshot([src, "/proc/self/mem"], run="r", skip_unchanged=True)
+    assert again.unchanged and again.id == first.id and again.stats["skipped"] == first.stats["skipped"]
+
+
+def test_first_pass_after_restoring_into_another_folder_commits_nothing(local_vault: str, tmp_path: Path) -> None:
+    # A fresh machine restores the run into another working folder: the same tree, at
+    # another absolute path. Its first pass committed a copy of the restored snapshot.
+    a = make_tree(tmp_path / "machine-a" / "ckpt", {"model.pt": os.urandom(3 << 20), "logs/events": "e", "latest": "->model.pt"})
+    vault = liferaft.Vault(local_vault)
+    first = vault.snapshot([a], run="r")
+    b = tmp_path / "machine-b" / "ckpt"
+    vault.restore(run="r", targets={"ckpt": b})
+    again = vault.snapshot([b], run="r", skip_unchanged=True)
+    assert again.unchanged and again.id == first.id
+    assert [s.id for s in vault.snapshots(run="r")] == [first.id]
+    # The first real change is committed, and records the new place.
+    (b / "logs" / "events").write_text("e2")
+    changed = vault.snapshot([b], run="r", skip_unchanged=True)
+    assert not changed.unchanged and changed.roots[0]["source"] == str(b)
+
+
 def test_secrets_left_out_by_default(vault_url: str, tmp_path: Path) -> None:
     src = make_tree(tmp_path / "proj", {"model.pt": "w", ".netrc": "machine x password y", "kaggle.json": "{}", "keys/id_rsa": "PRIVATE"})
     vault = liferaft.Vault(vault_url)

@@ -610,8 +610,14 @@ class Checkpointer:
             info = self.vault.snapshot(
                 [folder], run=self.run, step=manifest.step, tags=tags, metrics=fs.finite_metrics(manifest.metrics), use_cache=False
             )
-            if info.stats.get("changed_during_read") or info.stats.get("skipped"):
+            skipped = info.stats.get("skipped") or []
+            if info.stats.get("changed_during_read") or skipped:
                 self.vault.forget_ids([info.id])
+                if skipped:  # "<path>: <reason>", a file or folder that could not be read
+                    raise CheckpointDamaged(
+                        f"{folder.name} could not be read whole ({skipped[0]})",
+                        "make the checkpoint folder readable (permissions, the disk or mount it is on) and save again",
+                    )
                 raise CheckpointDamaged(
                     f"{folder.name} changed while it was committed", "make sure nothing writes to a checkpoint folder after saving it"
                 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import LiferaftError
 from .keeper import KeptPath
+from .units import format_duration, plural
 
 if TYPE_CHECKING:
     from ..api import Vault
@@ -35,11 +37,13 @@ class PassResult:
     seconds: float = 0.0
     error: str | None = None
     skipped: str | None = None
+    error_kind: str | None = None  # ``error`` without its varying parts: one warning per kind
 
     @property
     def busy(self) -> bool:
-        """Some file changed while it was read: its previous version went in instead."""
-        return bool(self.committed and self.snapshot is not None and self.snapshot.stats.get("changed_during_read"))
+        """Some file changed while it was read: its previous version went in instead (or,
+        when nothing else changed, the pass committed nothing)."""
+        return bool(self.snapshot is not None and self.snapshot.stats.get("changed_during_read"))
 
     @property
     def stored_bytes(self) -> int:
@@ -64,6 +68,20 @@ NOTHING_YET = "no kept path exists yet"
 
 #: Quick extra passes after one that met a file being written, before the next interval.
 MAX_QUICK_RETRIES = 3
+
+# Ids, counts and times in an error's text ("locks/session-3f2a91c0...", "after 5 tries in
+# 30s") vary from one pass to the next of the same outage.
+_VARYING = re.compile(r"[0-9a-f]{8,}|\d+(?:\.\d+)?")
+
+
+def error_kind(err: BaseException | str) -> str:
+    """A failure's stable key: its type and its text with ids, counts and times taken out.
+
+    >>> error_kind(TimeoutError("writing locks/session-3f2a91c04b7e.json: still failing after 5 tries in 31s"))
+    'TimeoutError: writing locks/session-#.json: still failing after # tries in #s'
+    """
+    name, text = ("", err) if isinstance(err, str) else (type(err).__name__, str(err))
+    return f"{name}: {_VARYING.sub('#', text)}" if name else _VARYING.sub("#", text)
 
 
 def lower_thread_priority() -> None:
@@ -162,19 +180,28 @@ class Syncer:
         *,
         tags: dict[str, str] | None = None,
         on_error: Callable[[str], None] | None = None,
+        on_notice: Callable[[str], None] | None = None,
         on_commit: Callable[[PassResult], None] | None = None,
         low_priority: bool = True,
+        include_secrets: bool = False,
     ) -> None:
         self.vault = vault
         self.run = run
         self.keeps = list(keeps)
         self.every = every
         self.tags = dict(tags or {})
-        self.on_error = on_error
+        self.on_error = on_error  # a warning: a pass failed (once per kind of failure while it lasts)
+        self.on_notice = on_notice  # a note: snapshots work again, credential files left out
         self.on_commit = on_commit
         self.low_priority = low_priority
+        self.include_secrets = include_secrets
         self.history: list[PassResult] = []
         self.last_error: str | None = None
+        self._failing_kind: str | None = None  # the kind of failure last warned about
+        self._failures = 0  # passes failed in a row
+        self._failing_since = 0.0
+        self._secrets_noted = False
+        self._skipped_warned: set[str] = set()
         self._requests: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -286,18 +313,28 @@ class Syncer:
                 metrics=metrics,
                 tags={**self.tags, "trigger": trigger},
                 skip_unchanged=True,
+                include_secrets=self.include_secrets,
             )
         except LiferaftError as err:
-            result = PassResult(trigger, seconds=time.monotonic() - t0, error=str(err))
+            result = PassResult(trigger, seconds=time.monotonic() - t0, error=str(err), error_kind=error_kind(err))
             self._failed(result)
             return result
         except Exception as err:  # a bug or an odd OS error must not kill the syncer
-            result = PassResult(trigger, seconds=time.monotonic() - t0, error=f"{type(err).__name__}: {err}")
+            result = PassResult(trigger, seconds=time.monotonic() - t0, error=f"{type(err).__name__}: {err}", error_kind=error_kind(err))
             self._failed(result)
             return result
         result = PassResult(trigger, snapshot=snap, committed=not snap.unchanged, seconds=time.monotonic() - t0)
         self.history.append(result)
         self.last_error = None
+        if self._failures:
+            failed, since = self._failures, time.monotonic() - self._failing_since
+            self._failures, self._failing_kind = 0, None
+            self._notice(
+                f"snapshots work again after {plural(failed, 'failed attempt')} in {format_duration(since)}: "
+                f"snapshot {snap.short_id} holds {plural(int(snap.stats.get('files', 0)), 'file')}"
+            )
+        self._warn_skipped(snap)
+        self._note_secrets(snap)
         if result.committed and self.on_commit is not None:
             try:
                 self.on_commit(result)
@@ -305,11 +342,56 @@ class Syncer:
                 pass
         return result
 
+    def _warn_skipped(self, snap: SnapshotInfo) -> None:
+        """Warn once a session per path that could not be read (EACCES, a mount's EIO): the
+        snapshots go on without it, or with its previous version. Sockets and FIFOs are
+        never kept, and not worth a warning."""
+        from ..vault.snapshot import NOT_KEPT_KIND
+
+        skipped = [s for s in snap.stats.get("skipped", []) if not s.endswith(f": {NOT_KEPT_KIND}")]
+        new = [s for s in skipped if s not in self._skipped_warned]
+        if not new:
+            return
+        self._skipped_warned.update(new)
+        if self.on_error is not None:
+            try:
+                self.on_error(
+                    f"{plural(len(new), 'path')} left out of the snapshots, e.g. {new[0]}; "
+                    "make it readable (permissions, the mount it is on) to keep it"
+                )
+            except Exception:
+                pass
+
+    def _note_secrets(self, snap: SnapshotInfo) -> None:
+        """Say once a session that credential files were left out, as `liferaft snapshot` does."""
+        n = int(snap.stats.get("secrets_excluded", 0) or 0)
+        if self._secrets_noted or not n:
+            return
+        self._secrets_noted = True
+        names = [str(p) for p in snap.stats.get("secrets_excluded_paths", [])[:3]]
+        shown = f" ({', '.join(names)}{', ...' if n > len(names) else ''})" if names else ""
+        self._notice(
+            f"note: {plural(n, 'credential file')} left out of the snapshots{shown}; "
+            "pass --include-secrets (attach(include_secrets=True)) to keep them"
+        )
+
+    def _notice(self, text: str) -> None:
+        if self.on_notice is not None:
+            try:
+                self.on_notice(text)
+            except Exception:
+                pass
+
     def _failed(self, result: PassResult) -> None:
         self.history.append(result)
-        first = result.error != self.last_error
         self.last_error = result.error
-        if self.on_error is not None and first:  # loud once per distinct failure, not every interval
+        kind = result.error_kind or error_kind(result.error or "")
+        if not self._failures:
+            self._failing_since = time.monotonic()
+        self._failures += 1
+        first = kind != self._failing_kind
+        self._failing_kind = kind
+        if self.on_error is not None and first:  # loud once per kind of failure while it lasts, not every interval
             try:
                 self.on_error(f"snapshot ({result.trigger}) failed: {result.error}")
             except Exception:

@@ -3,11 +3,15 @@
 Files are read once, hashed with BLAKE3 and cut by FastCDC above the small-file size;
 unchanged files are recognised by the stat cache and not read at all. A file that
 changes while it is read is not committed in this snapshot: its previous version
-(from the parent snapshot) stays, and the next pass takes it.
+(from the parent snapshot) stays, and the next pass takes it. A file that cannot be
+read (permission denied, a mount's I/O error) is skipped with its reason, like an
+unreadable folder, and its previous version stays too.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import fnmatch
 import functools
 import math
@@ -75,6 +79,10 @@ def holds_credentials(data: bytes) -> bool:
     return data.lstrip()[:1] == b"{" and any(field in data for field in _KEY_FIELDS)
 
 
+#: The reason a socket, FIFO or device in a snapshotted folder is skipped: never data to keep.
+NOT_KEPT_KIND = "not a file, folder or link"
+
+
 @dataclass
 class _Item:
     entry: fmt.Entry
@@ -82,6 +90,7 @@ class _Item:
     st: os.stat_result | None = None
     sniff: bool = False  # a JSON file: left out if it holds credentials (see holds_credentials)
     secret: bool = False  # it did
+    unreadable: str | None = None  # why it could not be read (EACCES, EIO): skipped, not "changed while read"
 
 
 @dataclass
@@ -89,8 +98,8 @@ class WalkResult:
     items: list[_Item] = field(default_factory=list)
     files: int = 0
     nbytes: int = 0
-    skipped: list[str] = field(default_factory=list)
-    secrets: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # "abspath: reason"
+    secrets: list[str] = field(default_factory=list)  # paths in the snapshot ("ckpt/kaggle.json"), left out
 
 
 def root_names(paths: list[Path]) -> list[str]:
@@ -156,7 +165,7 @@ def _walk(root: Path, name: str, result: WalkResult, skip: set[str], include_sec
                 subdirs.append((de.path, path))
             elif stat.S_ISREG(mode):
                 if not include_secrets and is_secret(de.name):
-                    result.secrets.append(de.path)
+                    result.secrets.append(path)
                     continue
                 sniff = not include_secrets and de.name.endswith(".json")
                 result.items.append(
@@ -165,7 +174,7 @@ def _walk(root: Path, name: str, result: WalkResult, skip: set[str], include_sec
                 result.files += 1
                 result.nbytes += est.st_size
             else:
-                result.skipped.append(f"{de.path}: not a file, folder or link")
+                result.skipped.append(f"{de.path}: {NOT_KEPT_KIND}")
         stack.extend(reversed(subdirs))
     return fmt.TYPE_DIR
 
@@ -189,7 +198,8 @@ class _Reader:
         return self._packer
 
     def read(self, item: _Item, progress: Progress) -> list[str] | None:
-        """Blob ids of the file's bytes, or None when it changed while being read.
+        """Blob ids of the file's bytes, or None when it changed while being read or
+        could not be read (then ``item.unreadable`` says why).
 
         The file is judged by what was opened, not by the walk's earlier stat: a
         checkpoint replaced (temp + rename) between the walk and the read is taken in
@@ -199,7 +209,8 @@ class _Reader:
         flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         try:
             fd = os.open(item.abspath, flags)  # O_NONBLOCK: a FIFO swapped in must not hang us
-        except OSError:
+        except OSError as err:
+            _note_unreadable(item, err)
             return None
         blobs: list[str] = []
         total = 0
@@ -224,7 +235,8 @@ class _Reader:
                     ids, total = self.packer().add_file(f, lambda n: progress.advance(0, n))
                     blobs = [b.hex() for b in ids]
                 after = os.fstat(f.fileno())
-        except OSError:
+        except OSError as err:
+            _note_unreadable(item, err)
             return None
         if total != opened.st_size or stat_key(after) != stat_key(opened):
             return None
@@ -233,6 +245,27 @@ class _Reader:
         item.entry.mtime_ns = opened.st_mtime_ns
         item.entry.mode = stat.S_IMODE(opened.st_mode)
         return blobs
+
+
+# What a file moved, deleted or swapped for a link between the walk and the read gives:
+# a change, taken by the next pass. Any other error (EACCES, EIO from a flaky mount) is
+# the file itself failing, and retrying soon would only fail again.
+_GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
+
+
+def _note_unreadable(item: _Item, err: OSError) -> None:
+    if err.errno not in _GONE:
+        item.unreadable = err.strerror or type(err).__name__
+
+
+def _same_roots(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
+    """The same roots by what a restore reproduces (name and kind), wherever they lie.
+
+    The absolute ``source`` is left out: a run restored into another working folder (a
+    fresh machine) is not a change, and a snapshot committed only to record the new
+    place would hold the same files again. The next real change records it.
+    """
+    return [(r.get("name"), r.get("type")) for r in a] == [(r.get("name"), r.get("type")) for r in b]
 
 
 TREE_MIN, TREE_AVG, TREE_MAX = 16 << 10, 64 << 10, 256 << 10
@@ -255,12 +288,14 @@ def _unchanged(repo: Repository, walk: WalkResult, caches: dict[str, StatCache],
     """
     index = repo.index()
     entries = []
+    secrets = []
     for item in walk.items:
         entry = item.entry
         if entry.type == fmt.TYPE_FILE:
             assert item.st is not None
             root_name, _, rel = entry.path.partition("/")
             if item.sniff and caches[root_name].known_secret(rel or ".", item.st):
+                secrets.append(entry.path)
                 continue  # left out, as it was: a credential file does not make a pass busy
             blobs = caches[root_name].lookup(rel or ".", item.st)
             if blobs is None or not all(bytes.fromhex(b) in index for b in blobs):
@@ -268,7 +303,27 @@ def _unchanged(repo: Repository, walk: WalkResult, caches: dict[str, StatCache],
             entry = fmt.Entry(entry.path, entry.type, entry.mode, entry.mtime_ns, entry.size, blobs)
         entries.append(entry)
     tree = fmt.encode_tree(entries)
-    return [fmt.hexdigest(c) for c in _cut_tree(repo, tree)] == parent.tree
+    if [fmt.hexdigest(c) for c in _cut_tree(repo, tree)] != parent.tree:
+        return False
+    walk.secrets.extend(secrets)
+    return True
+
+
+def _as_unchanged(parent: SnapshotInfo, walk: WalkResult, changed: list[str]) -> SnapshotInfo:
+    """``parent``, returned for a pass that committed nothing, with what this pass met.
+
+    A file that changed while read (its previous version is the parent's) makes the pass
+    busy although its tree equals the parent's; skipped and credential files are this
+    pass's, not those the parent met.
+    """
+    stats = {
+        **parent.stats,
+        "changed_during_read": changed[:100],
+        "skipped": walk.skipped[:100],
+        "secrets_excluded": len(walk.secrets),
+        "secrets_excluded_paths": walk.secrets[:100],
+    }
+    return dataclasses.replace(parent, stats=stats, unchanged=True)
 
 
 def _readers() -> int:
@@ -279,7 +334,7 @@ def _readers() -> int:
 
 
 def _read_files(session: WriteSession, repo: Repository, items: list[_Item], progress: Progress) -> list[list[str] | None]:
-    """Blob ids of each file (None: changed while read), in order.
+    """Blob ids of each file (None: changed while read, or unreadable), in order.
 
     Files above the small-file size are read by a pool of readers while this thread
     reads the small ones.
@@ -405,9 +460,8 @@ def take_snapshot(
     caches = {
         name: StatCache(repo.id, root).load() if use_cache else StatCache(repo.id, root) for root, name in zip(roots, names, strict=False)
     }
-    if skip_unchanged and parent is not None and parent.roots == root_docs and _unchanged(repo, walk, caches, parent):
-        parent.unchanged = True  # an idle pass: not even a session lock is written
-        return parent
+    if skip_unchanged and parent is not None and _same_roots(parent.roots, root_docs) and _unchanged(repo, walk, caches, parent):
+        return _as_unchanged(parent, walk, [])  # an idle pass: not even a session lock is written
     new_cache: dict[str, dict[str, list[Any]]] = {name: {} for name in names}
     changed: list[str] = []
     entries: list[fmt.Entry] = []
@@ -443,13 +497,21 @@ def take_snapshot(
             blobs = blobs_of[i]
             cached: list[str] | str
             if item.secret:
-                walk.secrets.append(item.abspath)
+                walk.secrets.append(entry.path)
                 cached = SECRET  # left out, and known as such while it does not change
             elif blobs is None:
-                changed.append(entry.path)
                 prev = previous_version(entry.path)
                 if prev is not None and all(session.has(bytes.fromhex(b)) for b in prev.blobs):
                     entries.append(prev)
+                else:
+                    prev = None
+                if item.unreadable:
+                    # Reported like an unreadable folder, not as busy; a flaky mount's EIO
+                    # must not drop a checkpoint from the newest snapshot: its last version stays.
+                    kept = "; its previous version is kept" if prev is not None else ""
+                    walk.skipped.append(f"{item.abspath}: {item.unreadable}{kept}")
+                else:
+                    changed.append(entry.path)
                 continue
             else:
                 entry.blobs = cached = blobs
@@ -461,12 +523,13 @@ def take_snapshot(
         progress.finish()
         tree = fmt.encode_tree(entries)
         tree_ids = [session.add(c, compress=True).hex() for c in _cut_tree(repo, tree)]
-        if skip_unchanged and parent is not None and parent.tree == tree_ids and parent.roots == root_docs and not changed:
-            parent.unchanged = True
+        if skip_unchanged and parent is not None and parent.tree == tree_ids and _same_roots(parent.roots, root_docs):
+            # What a restore would give equals the parent: nothing to commit, even when a
+            # file changed while read (its previous version is the parent's) or failed.
             if use_cache:
                 for root_name, cache in caches.items():
                     cache.save(new_cache[root_name])
-            return parent
+            return _as_unchanged(parent, walk, changed)
         stats = {
             "files": sum(1 for e in entries if e.type == fmt.TYPE_FILE),
             "dirs": sum(1 for e in entries if e.type == fmt.TYPE_DIR),
@@ -479,6 +542,7 @@ def take_snapshot(
             "changed_during_read": changed[:100],
             "skipped": walk.skipped[:100],
             "secrets_excluded": len(walk.secrets),
+            "secrets_excluded_paths": walk.secrets[:100],
         }
         manifest = {
             "v": fmt.FORMAT_VERSION,
