@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -80,6 +81,26 @@ def test_attach_twice_returns_the_running_raft(tmp_path: Path, local_vault: str,
         raft2.close()
 
 
+@pytest.mark.parametrize("include", [False, True])
+def test_attach_leaves_credential_files_out_with_a_note_unless_include_secrets(
+    tmp_path: Path, local_vault: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], include: bool
+) -> None:
+    work = tmp_path / "work"
+    (work / "ckpt").mkdir(parents=True)
+    (work / "ckpt" / "state").write_text("1")
+    (work / "ckpt" / ".env").write_text("WANDB_API_KEY=x")
+    monkeypatch.chdir(work)
+    raft = liferaft.attach(keep="ckpt", every=60, vault=local_vault, run="nb", include_secrets=include)
+    try:
+        snap = raft.sync()
+    finally:
+        raft.close()
+    noted = "credential file left out of the snapshots (ckpt/.env)" in capsys.readouterr().out
+    assert noted is not include
+    liferaft.Vault(local_vault).restore(snap.id, to=tmp_path / "back")
+    assert (tmp_path / "back" / "ckpt" / ".env").exists() is include
+
+
 def test_attach_to_a_vault_that_refuses_writes_fails_before_restoring(
     tmp_path: Path, local_vault: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -123,39 +144,225 @@ with open("ckpt/state", "w") as f:
 """
 
 
-def test_attach_in_a_subprocess_flushes_on_sigterm(tmp_path: Path, local_vault: str) -> None:
-    script = ATTACHED + "print('ready', flush=True)\ntime.sleep(60)\n"
-    proc = _python(script, tmp_path, local_vault, "state at the signal")
+def _wait_ready(proc: subprocess.Popen[str]) -> None:
     assert proc.stdout is not None
     while "ready" not in (line := proc.stdout.readline()):
         assert line, proc.stderr.read() if proc.stderr else ""
+
+
+def _locks(vault: str) -> list[str]:
+    return sorted(n for n in os.listdir(Path(vault) / "locks") if n.startswith("session-"))
+
+
+def test_attach_in_a_subprocess_flushes_on_sigterm(tmp_path: Path, local_vault: str) -> None:
+    script = ATTACHED + "print('ready', flush=True)\ntime.sleep(60)\n"
+    proc = _python(script, tmp_path, local_vault, "state at the signal")
+    _wait_ready(proc)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _out, err = proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGTERM, err  # the default action still happens, after the flush
     assert time.monotonic() - t0 < 10
     snaps = _snaps(local_vault, "sub")
-    assert snaps and snaps[-1].tags.get("trigger") == "SIGTERM"
+    assert [s.tags.get("trigger") for s in snaps] == ["SIGTERM"]
     assert _content(local_vault, snaps[-1].id, tmp_path, "ckpt/state") == "state at the signal"
+    assert _locks(local_vault) == []
 
 
-def test_attach_chains_to_the_scripts_own_sigterm_handler(tmp_path: Path, local_vault: str) -> None:
+# The script's own SIGTERM handler saves a checkpoint and exits; a `finally` writes more
+# while the exception unwinds. Installed before attach (attach chains to it) or after
+# (it replaces attach's): either way all of it is in the one final snapshot.
+OWN_HANDLER = """
+import signal, sys, time
+def mine(n, f):
+    print('my handler ran', flush=True)
+    with open('ckpt/state', 'w') as f:
+        f.write('saved by my handler')
+    sys.exit(5)
+"""
+
+
+@pytest.mark.parametrize("order", ["before-attach", "after-attach"])
+def test_what_the_scripts_own_sigterm_handler_saves_is_in_the_final_snapshot(tmp_path: Path, local_vault: str, order: str) -> None:
+    install = "signal.signal(signal.SIGTERM, mine)\n"
     script = (
-        "import signal, sys, time\n"
-        "def mine(n, f):\n    print('my handler ran', flush=True)\n    sys.exit(5)\n"
-        "signal.signal(signal.SIGTERM, mine)\n" + textwrap.dedent(ATTACHED) + "print('ready', flush=True)\ntime.sleep(60)\n"
+        OWN_HANDLER
+        + (install if order == "before-attach" else "")
+        + ATTACHED
+        + (install if order == "after-attach" else "")
+        + "try:\n    print('ready', flush=True)\n    time.sleep(60)\n"
+        + "finally:\n    open('ckpt/unwound', 'w').write('written while exiting')\n"
     )
-    proc = _python(script, tmp_path, local_vault, "mine")
-    assert proc.stdout is not None
-    while "ready" not in (line := proc.stdout.readline()):
-        assert line, proc.stderr.read() if proc.stderr else ""
+    proc = _python(script, tmp_path, local_vault, "before the signal")
+    _wait_ready(proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 5, err
     assert "my handler ran" in out
     snaps = _snaps(local_vault, "sub")
-    assert snaps[-1].tags.get("trigger") == "SIGTERM"
-    assert _content(local_vault, snaps[-1].id, tmp_path, "ckpt/state") == "mine"
+    # exactly one final snapshot; "SIGTERM" when attach's handler saw the signal
+    assert [s.tags.get("trigger") for s in snaps] == ["SIGTERM" if order == "before-attach" else "exit"], err
+    assert _content(local_vault, snaps[-1].id, tmp_path, "ckpt/state") == "saved by my handler"
+    assert _content(local_vault, snaps[-1].id, tmp_path, "ckpt/unwound") == "written while exiting"
+    assert _locks(local_vault) == []
+
+
+@pytest.mark.parametrize("how", ["flag-before-attach", "flag-after-attach", "ignored-before-attach"])
+def test_a_script_that_goes_on_after_sigterm_is_kept_until_it_ends(tmp_path: Path, local_vault: str, how: str) -> None:
+    # The usual training-loop pattern: the handler sets a flag, the loop saves and ends.
+    # A script that ignores SIGTERM (SIG_IGN) goes on too, and must stay protected.
+    if how == "ignored-before-attach":
+        install = "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    else:
+        install = "signal.signal(signal.SIGTERM, lambda n, f: stop.append(n))\n"
+    script = (
+        "import os, signal, sys, time\nstop = []\n"
+        + (install if how.endswith("before-attach") else "")
+        + ATTACHED
+        + (install if how.endswith("after-attach") else "")
+        + "print('ready', flush=True)\n"
+        + "end = time.monotonic() + 30\n"
+        + "while not stop and not os.path.exists('go') and time.monotonic() < end:\n    time.sleep(0.01)\n"
+        + "with open('ckpt/state', 'w') as f:\n    f.write('saved after the signal')\n"
+    )
+    proc = _python(script, tmp_path, local_vault, "before the signal")
+    _wait_ready(proc)
+    proc.send_signal(signal.SIGTERM)
+    if how == "ignored-before-attach":
+        # attach's handler saw it (it snapshots at once); then the script goes on
+        wait_for(lambda: any(s.tags.get("trigger") == "SIGTERM" for s in _snaps(local_vault, "sub")), timeout=20, what="a SIGTERM snapshot")
+        (tmp_path / "go").touch()
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    snaps = _snaps(local_vault, "sub")
+    assert snaps[-1].tags.get("trigger") == ("exit" if how == "flag-after-attach" else "SIGTERM"), err
+    assert _content(local_vault, snaps[-1].id, tmp_path, "ckpt/state") == "saved after the signal"
+    assert _locks(local_vault) == []
+
+
+def _hang_the_vault(vault: str) -> Path:
+    """A FIFO among the index fragments: the next snapshot hangs opening it (a stuck mount)."""
+    fifo = Path(vault) / "index" / ("0" * 64)
+    fifo.parent.mkdir(exist_ok=True)
+    os.mkfifo(fifo)
+    return fifo
+
+
+def _unhang(fifo: Path, proc: subprocess.Popen[str]) -> None:
+    """Let the reader blocked on ``fifo`` go on (it reads a damaged fragment, which is skipped)."""
+    while proc.poll() is None:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO until a reader has it open
+        except OSError:
+            time.sleep(0.01)
+            continue
+        fifo.unlink()  # before the reader sees EOF: a later listing must not find it again
+        os.close(fd)
+        return
+
+
+@pytest.mark.parametrize("during", ["SIGTERM", "close", "exit"])
+def test_a_sigterm_during_the_final_snapshot_waits_for_it(tmp_path: Path, local_vault: str, during: str) -> None:
+    # A second SIGTERM during the SIGTERM snapshot, or one during close()'s or the exit's:
+    # the process must not die half-way (no final snapshot, a session lock left behind).
+    script = (
+        ATTACHED
+        + "print('ready', flush=True)\n"
+        + "while not os.path.exists('go'):\n    time.sleep(0.01)\n"
+        + ("raft.close()\nprint('closed', flush=True)\n" if during == "close" else "")
+    )
+    proc = _python(script, tmp_path, local_vault, "state at the signal")
+    fifo = None
+    try:
+        _wait_ready(proc)
+        fifo = _hang_the_vault(local_vault)
+        if during == "SIGTERM":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            (tmp_path / "go").touch()
+        wait_for(lambda: _locks(local_vault), timeout=20, what="the final snapshot to start")
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert proc.poll() is None, "the process died during its final snapshot"
+        _unhang(fifo, proc)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if fifo is not None and fifo.exists():
+            fifo.unlink()
+    # after the snapshot the signal is acted on: the default action ends the process
+    assert proc.returncode == (0 if during == "exit" else -signal.SIGTERM), err
+    snaps = _snaps(local_vault, "sub")
+    assert [s.tags.get("trigger") for s in snaps] == [during], err
+    assert _content(local_vault, snaps[-1].id, tmp_path, "ckpt/state") == "state at the signal"
+    assert _locks(local_vault) == []
+    assert "closed" not in out  # close() did not return into the script: the signal ended it
+
+
+@pytest.mark.parametrize("ending", ["SIGTERM", "exit"])
+def test_a_hung_vault_delays_the_end_by_flush_timeout_at_most(tmp_path: Path, local_vault: str, ending: str) -> None:
+    script = (
+        ATTACHED.replace('run="sub"', 'run="sub", flush_timeout=1')
+        + "print('ready', flush=True)\n"
+        + "while not os.path.exists('go'):\n    time.sleep(0.01)\n"
+    )
+    proc = _python(script, tmp_path, local_vault, "state")
+    fifo = None
+    try:
+        _wait_ready(proc)
+        fifo = _hang_the_vault(local_vault)
+        t0 = time.monotonic()
+        if ending == "SIGTERM":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            (tmp_path / "go").touch()
+        _out, err = proc.communicate(timeout=20)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if fifo is not None:
+            fifo.unlink()
+    assert proc.returncode == (-signal.SIGTERM if ending == "SIGTERM" else 0), err
+    assert took < 5, took
+    assert f"the final snapshot ({ending}) did not finish within 1.0s" in err
+    assert "pass a larger flush_timeout= to attach()" in err
+    assert _snaps(local_vault, "sub") == []
+
+
+def test_ctrl_c_in_an_attached_script_takes_the_final_snapshot(tmp_path: Path, local_vault: str) -> None:
+    proc = _python(ATTACHED + "print('ready', flush=True)\ntime.sleep(60)\n", tmp_path, local_vault, "at Ctrl-C")
+    _wait_ready(proc)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode in (1, -signal.SIGINT), err  # -c exits 1; a script file ends by SIGINT
+    assert "KeyboardInterrupt" in err
+    snaps = _snaps(local_vault, "sub")
+    assert [s.tags.get("trigger") for s in snaps] == ["exit"], err
+    assert _content(local_vault, snaps[-1].id, tmp_path, "ckpt/state") == "at Ctrl-C"
+    assert _locks(local_vault) == []
+
+
+def test_close_leaves_a_sigterm_handler_the_script_installed_after_attach(
+    tmp_path: Path, local_vault: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    before = signal.getsignal(signal.SIGTERM)
+
+    def mine(signum: int, frame: object) -> None:
+        pass
+
+    raft = liferaft.attach(keep="ckpt", every=60, vault=local_vault, run="nb", quiet=True)
+    try:
+        signal.signal(signal.SIGTERM, mine)
+        raft.close()
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        raft.close()
+        signal.signal(signal.SIGTERM, before)
 
 
 @pytest.mark.parametrize(("ending", "code"), [("", 0), ("raise RuntimeError('training blew up')", 1)])

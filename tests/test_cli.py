@@ -134,9 +134,16 @@ def test_restore_in_place_keeps_work_newer_than_the_snapshot_unless_forced(tmp_p
 def test_restore_with_nothing_to_restore_is_not_an_error(tmp_path: Path) -> None:
     vault = tmp_path / "v"
     liferaft.Vault(vault).snapshot([make_tree(tmp_path / "w", {"f": "1"})], run="other")
-    r = cli("--vault", str(vault), "restore", "--run", "fresh")
+    # The run named by default (the working folder's name), not typed: a first run.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    r = cli("--vault", str(vault), "restore", cwd=fresh)
     assert r.returncode == 0, r.stderr
     assert "nothing to restore: no snapshot of run 'fresh' (runs in this vault: other; pick one with --run)" in r.stdout
+    # A vault with no snapshot at all: a first run whatever the name.
+    liferaft.Vault(tmp_path / "empty").repository(create=True)
+    r = cli("--vault", str(tmp_path / "empty"), "restore", "--run", "mnist")
+    assert r.returncode == 0 and "nothing to restore" in r.stdout, r.stderr
     # The default vault nobody has written yet is empty, not missing: a first run.
     r = cli("restore", "--run", "fresh", cwd=tmp_path)
     assert r.returncode == 0 and "nothing to restore" in r.stdout, r.stderr
@@ -497,3 +504,108 @@ def test_json_on_a_command_that_prints_a_log_is_refused(tmp_path: Path) -> None:
     assert not (work / "started").exists() and not (tmp_path / "v").exists()
     r = cli("--vault", str(tmp_path / "v"), "--json", "snapshot", str(work), "--run", "w")
     assert r.returncode == 0 and json.loads(r.stdout)["run"] == "w", r.stderr
+
+
+def test_a_run_the_vault_does_not_have_is_an_error_naming_the_runs(tmp_path: Path) -> None:
+    # `liferaft restore --run mnsit` exited 0 having restored nothing: a typo passed for a first run.
+    vault = str(tmp_path / "v")
+    src = make_tree(tmp_path / "w", {"ckpt/m.pt": "1"})
+    for run in ("mnist", "cifar"):
+        liferaft.Vault(vault).snapshot([src / "ckpt"], run=run)
+    work = tmp_path / "work"
+    work.mkdir()
+    r = cli("--vault", vault, "restore", "--run", "mnsit", "--to", str(work / "back"))
+    one_line_error(r, "no run 'mnsit' in the vault at", "did you mean 'mnist'?", "runs there: cifar, mnist")
+    assert r.returncode == 2 and r.stdout == "" and not (work / "back").exists()
+    r = cli("--vault", vault, "restore", "--run", "imagenet", "--json")
+    one_line_error(r, "no run 'imagenet'", "pick one with --run; runs there: cifar, mnist")
+    assert r.returncode == 2 and r.stdout == ""
+    r = cli("--vault", vault, "snapshots", "--run", "mnsit")
+    one_line_error(r, "no run 'mnsit'", "did you mean 'mnist'?")
+    assert r.returncode == 2
+    # --json answers the question asked (none), for a script that asks before a new run's
+    # first snapshot; the hint goes to stderr
+    r = cli("--vault", vault, "snapshots", "--run", "mnsit", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == [] and "did you mean 'mnist'?" in r.stderr, r.stderr
+    r = cli("--vault", vault, "forget", "--run", "mnsit", "--keep-last", "1", "--prune")
+    one_line_error(r, "no run 'mnsit'", "nothing was forgotten", "did you mean 'mnist'?")
+    assert r.returncode == 2 and len(liferaft.Vault(vault).snapshots()) == 2
+    # the right name still works
+    r = cli("--vault", vault, "snapshots", "--run", "mnist", "--json")
+    assert r.returncode == 0 and [s["run"] for s in json.loads(r.stdout)] == ["mnist"] and r.stderr == ""
+
+
+def test_restore_to_a_file_is_one_line(tmp_path: Path) -> None:
+    vault = str(tmp_path / "v")
+    liferaft.Vault(vault).snapshot([make_tree(tmp_path / "w", {"ckpt/m.pt": "1"}) / "ckpt"], run="r")
+    target = tmp_path / "model.pt"
+    target.write_text("mine")
+    r = cli("--vault", vault, "restore", "--run", "r", "--to", str(target))
+    one_line_error(r, f"--to {target} is a file, not a folder", "give a folder to restore into")
+    assert r.returncode == 2 and target.read_text() == "mine"
+    r = cli("--vault", vault, "restore", "--run", "r", "--to", str(target / "sub"))
+    one_line_error(r, f"is inside {target}, which is a file, not a folder")
+    assert r.returncode == 2 and target.read_text() == "mine"
+
+
+HF_CONFIG = {"architectures": ["BertForMaskedLM"], "model_type": "bert", "hidden_size": 768, "vocab_size": 30522}
+
+
+def test_a_folder_with_someone_elses_config_json_is_not_a_vault(tmp_path: Path) -> None:
+    # A Hugging Face model folder has a config.json too: it is not a damaged vault.
+    model = make_tree(tmp_path / "bert", {"config.json": json.dumps(HF_CONFIG), "model.safetensors": b"\0" * 64})
+    before = tree_state(model)
+    work = make_tree(tmp_path / "work", {"f": "1"})
+    for args in (["snapshots"], ["restore", "--run", "r"], ["snapshot", str(work / "f")]):
+        r = cli("--vault", str(model), *args)
+        one_line_error(r, f"{model} is not a liferaft vault (its config.json is not liferaft's)", "point --vault at the vault folder")
+        assert r.returncode == 2, args
+    assert tree_state(model) == before  # nothing written into it
+    # The Python API has no --vault: its advice names no flag.
+    with pytest.raises(liferaft.errors.NotAVault) as info:
+        liferaft.Vault(model).snapshots()
+    assert "is not a liferaft vault" in str(info.value) and "--vault" not in str(info.value)
+
+
+def test_a_damaged_config_of_a_real_vault_is_still_damage(tmp_path: Path) -> None:
+    vault = tmp_path / "v"
+    liferaft.Vault(vault).snapshot([make_tree(tmp_path / "w", {"f": "1"}) / "f"], run="r")
+    config = vault / "config.json"
+    good = json.loads(config.read_text())
+    empty = tmp_path / "fresh"  # a vault with no snapshot yet: only its config says it is ours
+    liferaft.Vault(empty).repository(create=True)
+    cases = {
+        "no format": (vault, json.dumps({k: v for k, v in good.items() if k != "format"}), "has no format version"),
+        "cut short": (vault, config.read_text()[:40], "is not valid JSON"),
+        "emptied": (empty, "", "is not valid JSON"),
+        "replaced by {}, snapshots left": (vault, "{}", "has no format version"),
+        "no chunker, no snapshots": (empty, json.dumps({**good, "chunker": None}), "chunker parameters"),
+    }
+    for label, (where, text, needle) in cases.items():
+        saved = (where / "config.json").read_text()
+        (where / "config.json").write_text(text)
+        r = cli("--vault", str(where), "snapshots")
+        one_line_error(r, needle)
+        assert r.returncode == 1 and "not a liferaft vault" not in r.stderr, (label, r.stderr)
+        (where / "config.json").write_text(saved)
+
+
+def test_a_folder_without_config_json_says_what_it_holds(tmp_path: Path) -> None:
+    notes = make_tree(tmp_path / "notes", {"todo.txt": "x", "data/a.csv": "1"})
+    r = cli("--vault", str(notes), "snapshots")
+    one_line_error(r, "is not a liferaft vault (it holds data/, todo.txt but no config.json)", "point --vault at an empty or new folder")
+    assert r.returncode == 2
+    # Only the empty folders of a vault: "it has files" was not true; it says what to do.
+    skeleton = make_tree(tmp_path / "skeleton", {"snapshots": None})
+    r = cli("--vault", str(skeleton), "snapshots")
+    one_line_error(r, "is not a liferaft vault (it holds only empty snapshots/ and no config.json)", "remove those empty folders")
+    assert r.returncode == 2
+    # A vault that lost its config.json (deleted, or not synced yet on a Drive mount): damage, not a stranger.
+    vault = tmp_path / "v"
+    liferaft.Vault(vault).snapshot([make_tree(tmp_path / "w", {"f": "1"}) / "f"], run="r")
+    (vault / "config.json").unlink()
+    for args in (["snapshots"], ["snapshot", str(tmp_path / "w" / "f")]):
+        r = cli("--vault", str(vault), *args)
+        one_line_error(r, "holds a liferaft vault's data but no config.json", "restore config.json from a copy")
+        assert r.returncode == 1
+    assert not (vault / "config.json").exists()

@@ -284,3 +284,22 @@ def test_a_frozen_store_fails_the_snapshot_within_the_deadline_and_the_next_one_
     assert report.ok, report.damage
     fresh.restore(first.id, to=tmp_path / "first")
     assert tree_state(tmp_path / "first" / "work") == state
+
+
+def test_a_bad_key_file_in_google_application_credentials_is_named_not_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The variable is set: the advice was "... or set GOOGLE_APPLICATION_CREDENTIALS".
+    It now says what is wrong with the file it names. No server: keys load before any request."""
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    key = tmp_path / "key.json"
+    key.write_text('{"type": "authorized_user", "client_id": "x"}')  # JSON, but not a usable key
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key))
+    with pytest.raises(LiferaftError) as info:
+        liferaft.Vault("gs://bucket/vault").snapshots()
+    text = _clear(info.value)
+    assert "cannot be loaded" in text and f"{key}, which GOOGLE_APPLICATION_CREDENTIALS names, is not a usable service-account key" in text
+    assert "or set GOOGLE_APPLICATION_CREDENTIALS" not in text and "unset it" in text
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "absent.json"))
+    with pytest.raises(LiferaftError) as info:
+        liferaft.Vault("gs://bucket/vault").snapshots()
+    text = _clear(info.value)
+    assert "absent.json', which is not a file" in text and "set GOOGLE_APPLICATION_CREDENTIALS" not in text

@@ -34,3 +34,21 @@ def test_demo_survives_a_machine_reset(tmp_path: Path) -> None:
     liferaft.Vault().restore(snaps[-1].id, to=back)
     assert f'"step": {STEPS}' in (back / "checkpoints" / "model.json").read_text()
     assert not list(Path(tmp_path).glob("liferaft-demo-*"))
+    first, said = _uploaded(out)
+    assert first >= 256 << 10 and said == "the frozen 256 KiB file once"
+
+    # A second demo: the frozen file's blob is still in the vault (forgotten, not pruned),
+    # so only what changed is uploaded; it said "(the frozen 256 KiB file once, ...)".
+    r = cli("demo", cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    second, said = _uploaded(r.stdout)
+    assert second < 256 << 10 and said == "the frozen 256 KiB file was in the vault already", r.stdout
+    added = sum(s.stats["stored_bytes"] for s in liferaft.Vault().snapshots(run=RUN))
+    assert abs(added - second) <= 0.05 * 1024, (added, second)  # the figure is what its snapshots added
+
+
+def _uploaded(out: str) -> tuple[float, str]:
+    """The demo's "N KiB uploaded" in bytes, and what it says of the frozen file."""
+    m = re.search(r"; ([\d.]+) (B|KiB|MiB) uploaded in \d+ snapshots \((the frozen 256 KiB file [^,]+),", out)
+    assert m, out
+    return float(m.group(1)) * {"B": 1, "KiB": 1024, "MiB": 1 << 20}[m.group(2)], m.group(3)

@@ -20,7 +20,7 @@ import liferaft
 from conftest import cli
 from liferaft.api import SnapshotInfo
 from liferaft.errors import NotAVault, VaultNotFound
-from test_run_support import Terminal, finish, kill_leftovers, no_traceback, progress, setup_work, start_run, starts, wait_for
+from test_run_support import STARTED, Terminal, finish, kill_leftovers, no_traceback, progress, setup_work, start_run, starts, wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -327,13 +327,69 @@ def test_the_command_starts_with_default_signal_dispositions(tmp_path: Path, loc
 
 
 def test_command_not_found_and_not_executable(tmp_path: Path, local_vault: str) -> None:
-    r = cli("--vault", local_vault, "run", "--keep", "ckpt", "--", "no-such-command-liferaft", cwd=tmp_path)
-    assert r.returncode == 127
-    assert "command not found: no-such-command-liferaft" in _one_error_line(r.stderr)
+    # As a shell: 127 when there is nothing to run, 126 when it is there but cannot be run.
+    def run(*command: str) -> tuple[int, str]:
+        r = cli("--vault", local_vault, "run", "--keep", "ckpt", "--", *command, cwd=tmp_path)
+        return r.returncode, _one_error_line(r.stderr)
+
+    rc, line = run("no-such-command-liferaft")
+    assert rc == 127 and "command not found: no-such-command-liferaft; check the spelling" in line, line
     (tmp_path / "train.py").write_text("print(1)\n")
-    r = cli("--vault", local_vault, "run", "--keep", "ckpt", "--", "./train.py", cwd=tmp_path)
-    assert r.returncode == 127
-    assert "python ./train.py" in _one_error_line(r.stderr)
+    rc, line = run("./train.py")
+    assert rc == 126, line
+    assert (
+        "cannot run ./train.py: permission denied; make it executable (chmod +x ./train.py) or run it with its interpreter (python ./train.py)"
+        in line
+    )
+    (tmp_path / "train.sh").write_text("#!/usr/bin/env bash\necho hi\n")
+    rc, line = run("./train.sh")
+    assert rc == 126 and "(chmod +x ./train.sh) or run it with its interpreter (bash ./train.sh)" in line, line
+    rc, line = run("train.sh")  # not on PATH: not found, with the way to run the file that is here
+    assert rc == 127 and "command not found: train.sh; there is a file train.sh here" in line and "write ./train.sh" in line, line
+    (tmp_path / "runs").mkdir()
+    rc, line = run("./runs")
+    assert rc == 126 and "cannot run ./runs: it is a folder, not a program" in line, line
+    rc, line = run("runs")
+    assert rc == 127 and "command not found: runs; runs here is a folder, not a command" in line, line
+    assert not (tmp_path / "ckpt").exists() and not os.path.exists(local_vault)  # nothing started, no vault made
+
+
+def test_a_command_the_kernel_refuses_gets_one_line_and_a_shells_status(tmp_path: Path, local_vault: str) -> None:
+    # Executable files that exec still refuses: the launcher says why, with a shell's status.
+    no_line = tmp_path / "no-shebang"
+    no_line.write_text("echo hi\n")
+    bad = tmp_path / "bad-interpreter"
+    bad.write_text("#!/no/such/interpreter\necho hi\n")
+    for f in (no_line, bad):
+        f.chmod(0o755)
+    r = cli("--vault", local_vault, "run", "--keep", "ckpt", "--", "./no-shebang", cwd=tmp_path)
+    no_traceback(r.stderr)
+    assert r.returncode == 126, r.stderr
+    assert "liferaft: cannot run ./no-shebang: it is not a program and has no #! line; run it with its interpreter" in r.stderr
+    r = cli("--vault", local_vault, "run", "--keep", "ckpt", "--", "./bad-interpreter", cwd=tmp_path)
+    no_traceback(r.stderr)
+    assert r.returncode == 127, r.stderr
+    assert "liferaft: cannot run ./bad-interpreter: the interpreter on its #! line is not found" in r.stderr
+
+
+def test_a_refused_exec_in_popen_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    # Where the command is exec'd by Popen itself (not Linux), its OSError becomes the same line.
+    import errno
+
+    from liferaft.keep.supervisor import CommandNotFound, _not_runnable
+
+    script = tmp_path / "train.sh"
+    script.write_text("#!/bin/bash\n")
+    err = _not_runnable(str(script), PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
+    assert err.exit_code == 126
+    assert (
+        str(err)
+        == f"cannot run {script}: permission denied; make it executable (chmod +x {script}) or run it with its interpreter (bash {script})"
+    )
+    err = _not_runnable(str(tmp_path), PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
+    assert err.exit_code == 126 and "it is a folder" in str(err)
+    err = _not_runnable("no-such-thing", FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT)))
+    assert type(err) is CommandNotFound and err.exit_code == 127 and "command not found: no-such-thing" in str(err)
 
 
 def test_bad_durations_and_keeps(tmp_path: Path, local_vault: str) -> None:
@@ -351,6 +407,16 @@ def test_bad_durations_and_keeps(tmp_path: Path, local_vault: str) -> None:
     assert r.returncode == 2 and "no time to run" in _one_error_line(r.stderr)
     r = cli("--vault", str(work / "data" / "vault"), "run", "--keep", "data", "--", "true", cwd=work)
     assert r.returncode == 2 and "overlap" in _one_error_line(r.stderr)
+
+
+def test_time_limit_zero_is_refused_not_taken_for_no_cap(tmp_path: Path, local_vault: str) -> None:
+    for zero in ("0", "0s", "0h0m"):
+        r = cli("--vault", local_vault, "run", "--keep", "a", "--time-limit", zero, "--", "true", cwd=tmp_path)
+        assert r.returncode == 2, r.stderr
+        line = _one_error_line(r.stderr)
+        assert f"--time-limit {zero} must be more than 0" in line and "--time-limit off for no cap" in line, line
+    r = cli("--vault", local_vault, "run", "--keep", "a", "--time-limit", "off", "--", "true", cwd=tmp_path)
+    assert r.returncode == 0 and "no time cap (--time-limit off)" in r.stderr, r.stderr
 
 
 def test_kept_path_outside_the_working_folder_is_not_restored_over_something_else(tmp_path: Path, local_vault: str) -> None:
@@ -562,3 +628,190 @@ def test_the_default_vault_on_a_runtime_that_vanishes_is_warned_about(tmp_path: 
     # a vault of one's own: no warning
     r = run("-m", "liferaft", "--vault", str(tmp_path / "v"), "run", "--time-limit", "off", "--keep", "ck", "--", "true")
     assert r.returncode == 0 and "own disk" not in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+
+def _s3_ls(fs: Any, folder: str) -> list[str]:
+    try:
+        return [p for p in fs.ls(folder, refresh=True) if not p.endswith("/")]
+    except FileNotFoundError:
+        return []
+
+
+@_NO_MOTO
+def test_ctrl_c_during_the_final_snapshot_says_what_it_does_and_a_third_abandons_it_cleanly(
+    tmp_path: Path, moto_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C stops the command; one more says the final snapshot is being taken; a third
+    gives it up: no session lock left, nothing committed, the uploads stopped at once."""
+    from servers import Fault, FaultProxy
+
+    moto_server.apply(monkeypatch)
+    url = moto_server.vault_url()
+    work = tmp_path / "work"
+    work.mkdir()
+    log = tmp_path / "stderr.log"
+    # 6 MiB of checkpoint through a slow uplink (50 ms per 64 KiB): its upload lasts ~5 s
+    script = (
+        "import os, signal, time\nsignal.signal(signal.SIGINT, lambda *_: os._exit(130))\nos.makedirs('ckpt', exist_ok=True)\n"
+        "open('ckpt/big.bin', 'wb').write(os.urandom(6 << 20))\nopen('ready', 'w').close()\ntime.sleep(60)\n"
+    )
+    raw = moto_server.raw_fs()
+    prefix = url.removeprefix("s3://")
+    with FaultProxy(moto_server.port, lambda _i: Fault("slow", 0, 0.05), lifetime=120) as proxy, open(log, "w") as err_file:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "liferaft",
+                "--vault",
+                url,
+                "run",
+                "--keep",
+                "ckpt",
+                "--every",
+                "1h",
+                "--",
+                sys.executable,
+                "-c",
+                script,
+            ],
+            cwd=work,
+            env={**os.environ, **moto_server.env(proxy.endpoint)},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err_file,
+            start_new_session=True,
+        )
+        STARTED.append(proc)
+        wait_for(lambda: (work / "ready").exists(), timeout=30, what="the command's checkpoint")
+        proc.send_signal(signal.SIGINT)  # 1: passed on; the command stops, the final snapshot starts
+        wait_for(lambda: _s3_ls(raw, f"{prefix}/locks"), timeout=15, what="the final snapshot's session lock")
+        proc.send_signal(signal.SIGINT)  # 2: only says what is going on
+        wait_for(lambda: "Ctrl-C again to abandon it" in log.read_text(), timeout=5, what="the line about the final snapshot")
+        assert proc.poll() is None, log.read_text()
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)  # 3: abandon it
+        rc = proc.wait(timeout=15)
+        took = time.monotonic() - t0
+    err = log.read_text()
+    no_traceback(err)
+    assert rc == 128 + signal.SIGINT, err
+    assert "taking the final snapshot (" in err and "the vault holds no snapshot of ckpt from this run yet" in err, err
+    assert "abandoned the final snapshot after" in err and "what it had uploaded is removed by liferaft prune" in err, err
+    assert "could not be removed" not in err, err
+    assert took < 3.0, f"exit took {took:.1f}s after the third Ctrl-C: the upload was waited for\n{err}"
+    time.sleep(0.5)
+    assert _s3_ls(raw, f"{prefix}/locks") == [], "the session lock was left behind"
+    assert _s3_ls(raw, f"{prefix}/snapshots") == [], "an abandoned snapshot was committed"
+
+
+def test_ctrl_c_before_the_command_starts_says_what_was_and_was_not_done(tmp_path: Path) -> None:
+    # A store that accepts connections and never answers (a frozen server): liferaft waits
+    # to reach the vault, and the user gives up with Ctrl-C.
+    import socket
+
+    pytest.importorskip("s3fs")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {
+        "AWS_ENDPOINT_URL": "",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        server.settimeout(30)
+        env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{server.getsockname()[1]}"
+        marker = "import pathlib; pathlib.Path('started').write_text('x')"
+        proc = start_run(["--vault", "s3://bucket/v", "run", "--keep", "ckpt", "--", sys.executable, "-c", marker], work, env)
+        conn, _ = server.accept()  # liferaft is reaching the vault now
+        with conn:
+            proc.send_signal(signal.SIGINT)
+            rc, _out, err = finish(proc, timeout=30)
+    assert rc == 128 + signal.SIGINT, err
+    line = _one_error_line(err)
+    assert "interrupted while reaching the vault at s3://bucket/v: the command was not started; nothing restored; nothing saved" in line
+    assert not (work / "started").exists()
+
+
+@pytest.mark.parametrize("how", ["--vault", "LIFERAFT_VAULT"])
+def test_a_relative_vault_reaches_the_command_as_an_absolute_path(tmp_path: Path, how: str) -> None:
+    # The command changes folder and opens "the" vault (LIFERAFT_VAULT): it must be the run's.
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "sub" / "notes.txt").write_text("n")
+    script = (
+        "import os, liferaft\nos.chdir('sub')\nprint(os.environ['LIFERAFT_VAULT'])\nliferaft.Vault().snapshot(['notes.txt'], run='side')\n"
+    )
+    args = ["--vault", "vault"] if how == "--vault" else []
+    env = {} if how == "--vault" else {"LIFERAFT_VAULT": "vault"}
+    r = cli(*args, "run", "--keep", "ckpt", "--", sys.executable, "-c", script, cwd=work, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(work / "vault"), r.stdout
+    assert not (work / "sub" / "vault").exists(), "the command wrote to a second vault"
+    assert [s.run for s in liferaft.Vault(str(work / "vault")).snapshots()] == ["side"]
+
+
+def test_keep_in_liferaft_toml_means_the_same_paths_from_a_subfolder(tmp_path: Path) -> None:
+    # liferaft.toml is found in a parent folder; its paths are the file's, as its vault's are.
+    proj = tmp_path / "proj"
+    (proj / "scripts").mkdir(parents=True)
+    (proj / "liferaft.toml").write_text('vault = "vault"\nrun = "m"\nkeep = ["ckpt"]\n')
+    write = "import pathlib; p = pathlib.Path('../ckpt'); p.mkdir(exist_ok=True); (p / 'state').write_text('7')"
+    r = cli("run", "--", sys.executable, "-c", write, cwd=proj / "scripts")
+    assert r.returncode == 0, r.stderr
+    assert "keeping ../ckpt" in r.stderr, r.stderr
+    assert not (proj / "scripts" / "ckpt").exists()
+    snaps = liferaft.Vault(str(proj / "vault")).snapshots(run="m")
+    assert snaps and [r["source"] for r in snaps[-1].roots] == [str(proj / "ckpt")], snaps
+    # from the project folder itself: the same path, restored there
+    shutil.rmtree(proj / "ckpt")
+    r = cli("run", "--", "true", cwd=proj)
+    assert r.returncode == 0, r.stderr
+    assert "keeping ckpt" in r.stderr and (proj / "ckpt" / "state").read_text() == "7", r.stderr
+
+
+def test_a_kept_path_equal_to_the_snapshot_is_reported_in_good_english(tmp_path: Path, local_vault: str) -> None:
+    work = tmp_path / "work"
+    (work / "ckpt").mkdir(parents=True)
+    (work / "ckpt" / "state").write_text("1")
+    assert cli("--vault", local_vault, "run", "--keep", "ckpt", "--", "true", cwd=work).returncode == 0
+    r = cli("--vault", local_vault, "run", "--keep", "ckpt", "--", "true", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert "liferaft: ckpt already matches snapshot " in r.stderr, r.stderr
+
+
+def test_credential_files_are_left_out_with_a_note_unless_include_secrets(tmp_path: Path, local_vault: str) -> None:
+    work = tmp_path / "work"
+    (work / "ckpt").mkdir(parents=True)
+    (work / "ckpt" / "state").write_text("1")
+    (work / "ckpt" / "kaggle.json").write_text('{"username": "u", "key": "k"}')
+    r = cli("--vault", local_vault, "run", "--run", "a", "--keep", "ckpt", "--", "true", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert "credential file left out of the snapshots (ckpt/kaggle.json); pass --include-secrets" in r.stderr, r.stderr
+    vault = liferaft.Vault(local_vault)
+    vault.restore(vault.snapshots(run="a")[-1].id, to=tmp_path / "a")
+    assert sorted(p.name for p in (tmp_path / "a" / "ckpt").iterdir()) == ["state"]
+    r = cli("--vault", local_vault, "run", "--run", "b", "--keep", "ckpt", "--include-secrets", "--", "true", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert "left out of the snapshots" not in r.stderr, r.stderr
+    vault.restore(vault.snapshots(run="b")[-1].id, to=tmp_path / "b")
+    assert (tmp_path / "b" / "ckpt" / "kaggle.json").read_text() == '{"username": "u", "key": "k"}'
+
+
+def test_the_first_snapshot_reported_is_the_first_that_holds_files(tmp_path: Path, local_vault: str) -> None:
+    # The syncer's first passes find the kept folder empty (the command has not saved yet):
+    # "committed: 0 files" read as if nothing were being kept.
+    work = tmp_path / "work"
+    (work / "ckpt").mkdir(parents=True)
+    script = "import pathlib, time\ntime.sleep(1.5)\npathlib.Path('ckpt/state').write_text('1')\ntime.sleep(1.5)\n"
+    r = cli("--vault", local_vault, "run", "--keep", "ckpt", "--every", "0.2", "--", sys.executable, "-c", script, cwd=work)
+    assert r.returncode == 0, r.stderr
+    committed = [ln for ln in r.stderr.splitlines() if " committed: " in ln]
+    assert len(committed) == 1 and "committed: 1 file," in committed[0], r.stderr

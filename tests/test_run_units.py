@@ -195,7 +195,95 @@ def test_keep_from_liferaft_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.chdir(project / "sub")
     assert keep_from_config() == []
     (project / "liferaft.toml").write_text('run = "mnist"\nkeep = ["checkpoints", "runs"]\n')
-    assert keep_from_config() == ["checkpoints", "runs"]
+    assert keep_from_config() == ["../checkpoints", "../runs"]  # the file's paths, from its folder
     (project / "liferaft.toml").write_text("keep = 3\n")
     with pytest.raises(LiferaftError, match="'keep' must be a list"):
         keep_from_config()
+
+
+def test_placeholders_the_snapshot_lacks_are_not_newer_work(tmp_path: Path, local_vault: str) -> None:
+    # A repo that commits checkpoints/.gitkeep: the snapshot (taken before it was added,
+    # or with it ignored) lacks it, and a fresh clone's copy is newer than the snapshot.
+    work = make_tree(tmp_path / "work", {"ckpt/model.pt": b"weights", "ckpt/sub/opt.pt": b"adam"})
+    vault = liferaft.Vault(local_vault)
+    snap = _snap(vault, work, "ckpt")
+    readme = "Checkpoints land here; liferaft restores them.\n"
+    clone = make_tree(tmp_path / "clone", {"ckpt/.gitkeep": "", "ckpt/sub/.keep": "", "ckpt/README.md": readme, "ckpt/.gitignore": "*\n"})
+    keep = resolve_keeps(["ckpt"], cwd=clone)[0]
+    assert compare(keep, snap, "ckpt", vault).state == "subset"
+    outcome = restore_kept(vault, "r", [keep])
+    assert [k.arg for k in outcome.restored] == ["ckpt"] and outcome.resumed
+    assert (clone / "ckpt" / "model.pt").read_bytes() == b"weights" and (clone / "ckpt" / "sub" / "opt.pt").read_bytes() == b"adam"
+    # the placeholders stay as they were: restore never removes what the snapshot lacks
+    assert (clone / "ckpt" / ".gitkeep").read_bytes() == b"" and (clone / "ckpt" / "README.md").read_text() == readme
+    assert (clone / "ckpt" / ".gitignore").read_text() == "*\n"
+
+    # What is work still counts: any other file the snapshot lacks, a placeholder name
+    # holding more than a note, and a placeholder the snapshot has in another version.
+    for files in ({"ckpt/.gitkeep": "", "ckpt/step-9.pt": b"9"}, {"ckpt/README.md": "x" * 5000}):
+        other = make_tree(tmp_path / f"other-{len(files)}-{len(str(files))}", files)
+        keep = resolve_keeps(["ckpt"], cwd=other)[0]
+        c = compare(keep, snap, "ckpt", vault)
+        assert c.state == "newer", files
+        assert ".gitkeep" not in c.differing  # the example names the work, not the placeholder
+        assert restore_kept(vault, "r", [keep]).kept_local == [keep]
+        assert not (other / "ckpt" / "model.pt").exists()
+
+
+def test_an_empty_file_the_snapshot_lacks_is_not_work(tmp_path: Path, local_vault: str) -> None:
+    work = make_tree(tmp_path / "work", {"runs/events.1": b"e" * 50})
+    vault = liferaft.Vault(local_vault)
+    snap = _snap(vault, work, "runs")
+    fresh = make_tree(tmp_path / "fresh", {"runs/touched.log": ""})
+    keep = resolve_keeps(["runs"], cwd=fresh)[0]
+    assert compare(keep, snap, "runs", vault).state == "subset"
+    assert restore_kept(vault, "r", [keep]).restored == [keep]
+    assert (fresh / "runs" / "events.1").read_bytes() == b"e" * 50 and (fresh / "runs" / "touched.log").exists()
+
+
+@pytest.mark.parametrize("kind", ["folder", "file", "below"])
+def test_a_dangling_link_at_a_kept_path_is_refused_not_replaced(tmp_path: Path, local_vault: str, kind: str) -> None:
+    # checkpoints -> /content/drive/... before Drive is mounted: restoring would replace
+    # the link (a kept file) or fail on it (a folder), and training would write elsewhere.
+    name = "model.pt" if kind == "file" else "ckpt"
+    work = make_tree(tmp_path / "work", {"model.pt": b"w", "ckpt/a": b"a"})
+    vault = liferaft.Vault(local_vault)
+    _snap(vault, work, name)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    drive = tmp_path / "drive-not-mounted" / "MyDrive"
+    if kind == "below":  # --keep drive/ckpt, with drive -> an absent mount
+        os.symlink(drive, fresh / "drive")
+        arg, link = "drive/ckpt", fresh / "drive"
+    else:
+        os.symlink(drive / name, fresh / name)
+        arg, link = name, fresh / name
+    keep = resolve_keeps([arg], cwd=fresh)
+    with pytest.raises(LiferaftError) as info:
+        restore_kept(vault, "r", keep)
+    text = str(info.value)
+    assert "is a link to" in text and str(drive) in text and "which does not exist" in text and "remove the link" in text, text
+    assert link.is_symlink() and os.readlink(link).startswith(str(drive)) and sorted(os.listdir(fresh)) == [link.name]
+
+
+def test_a_kept_file_is_named_itself_in_messages(tmp_path: Path, local_vault: str) -> None:
+    # "(e.g. .)" said nothing: a kept file is its own example.
+    work = make_tree(tmp_path / "work", {"model.pt": b"v1"})
+    vault = liferaft.Vault(local_vault)
+    _snap(vault, work, "model.pt")
+    (work / "model.pt").write_bytes(b"v2")
+    keep = resolve_keeps(["model.pt"], cwd=work)
+    outcome = restore_kept(vault, "r", keep)
+    assert outcome.kept_local == keep
+    note = next(m for m in outcome.messages if "keeping local" in m)
+    assert "keeping local model.pt: it is newer than snapshot" in note and "e.g." not in note, note
+    old = time.time() - 3600
+    os.utime(work / "model.pt", (old, old))
+    with pytest.raises(LiferaftError) as info:
+        restore_kept(vault, "r", keep)
+    text = str(info.value)
+    assert "model.pt differs from the run's newest snapshot" in text and "e.g." not in text, text
+    # the API caller is told its keyword, the command line its flag
+    assert "force=True" in text and "--force" not in text
+    assert "--force" in info.value.cli_fix  # type: ignore[attr-defined]
+    assert (work / "model.pt").read_bytes() == b"v2"

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from ._version import __version__
-from .errors import LiferaftError
+from .errors import LiferaftError, SnapshotNotFound
 from .keep.units import plural
 
 
@@ -130,6 +130,20 @@ def _parse_metrics(values: tuple[str, ...]) -> dict[str, float]:
     return metrics
 
 
+def _unknown_run(run: str, runs: list[str], url: str) -> tuple[str, str] | None:
+    """What is wrong and what to do when ``run`` is not among the vault's ``runs``: a name
+    typed on the command line that matches nothing is far more often a typo than a run
+    yet to start. None when the run is known or the vault holds no run at all (a first run)."""
+    if not runs or run in runs:
+        return None
+    import difflib
+
+    close = difflib.get_close_matches(run, runs, n=1, cutoff=0.6)
+    listed = ", ".join(_shown(r) for r in runs[:10]) + (f" and {len(runs) - 10} more" if len(runs) > 10 else "")
+    fix = f"did you mean {_shown(close[0])!r}? (runs there: {listed})" if close else f"pick one with --run; runs there: {listed}"
+    return f"no run {_shown(run)!r} in the vault at {url}", fix
+
+
 def _run_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """``--run``: refused before any work when the vault would refuse it or it would garble a listing."""
     if value is None:
@@ -204,11 +218,20 @@ def _warn_damaged(damaged: list[str]) -> None:
 def snapshots(ctx: Ctx, run: str | None) -> None:
     """List snapshots, newest last."""
     damaged: list[str] = []
-    snaps = ctx.vault().snapshots(run=run, damaged=damaged)
+    vault = ctx.vault()
+    every = vault.snapshots(damaged=damaged)
+    snaps = [s for s in every if run is None or s.run == run]
     _warn_damaged(damaged)
+    unknown = _unknown_run(run, sorted({s.run for s in every}), vault.url) if run is not None else None
     if ctx.json:
+        # An empty list is the true answer to "which snapshots has run X?" (a script may
+        # ask before a new run's first one); a human reading stderr still sees the hint.
+        if unknown:
+            click.echo(f"warning: {unknown[0]}; {unknown[1]}", err=True)
         ctx.data([s.to_json() for s in snaps])
         return
+    if unknown:
+        raise SnapshotNotFound(*unknown)
     if not snaps:
         ctx.say("no snapshots yet" + (f" of run {run!r}" if run else ""))
         return
@@ -242,6 +265,21 @@ def snapshots(ctx: Ctx, run: str | None) -> None:
         Console(width=1 << 20 if wide else None).print(table)
 
 
+def _check_restore_target(to: str) -> None:
+    """``--to`` names a folder (made if missing): a file there, or on the way, is one line."""
+    path = os.path.abspath(to)
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if os.path.isdir(path):
+        return
+    fix = "give a folder to restore into (a missing one is made)"
+    if os.path.islink(path):
+        raise LiferaftError(f"--to {to}: {path} is a link to {os.readlink(path)}, which does not exist", f"mount or create it, or {fix}")
+    if path == os.path.abspath(to):
+        raise LiferaftError(f"--to {to} is a file, not a folder", fix)
+    raise LiferaftError(f"--to {to} is inside {path}, which is a file, not a folder", fix)
+
+
 @main.command()
 @click.argument("snapshot_id", required=False, metavar="[ID]")
 @click.option(
@@ -256,6 +294,8 @@ def restore(ctx: Ctx, snapshot_id: str | None, run: str | None, to: str | None, 
     """Restore a snapshot (newest valid one of the run by default)."""
     import warnings
 
+    if to is not None:
+        _check_restore_target(to)
     vault = ctx.vault()
     with warnings.catch_warnings(), ctx.progress() as progress:
         warnings.simplefilter("ignore")
@@ -275,6 +315,9 @@ def restore(ctx: Ctx, snapshot_id: str | None, run: str | None, to: str | None, 
         except VaultNotFound:
             snaps = []
         runs = sorted({s.run for s in snaps})
+        unknown = _unknown_run(name, runs, vault.url)
+        if run is not None and unknown:  # --run given: a typo must not pass for a first run
+            raise SnapshotNotFound(*unknown)
         checkpoints = [s for s in snaps if s.run == name and is_checkpoint(s)]
         if ctx.json:
             ctx.data({"restored": None, "run": name, "runs": runs, "checkpoints": len(checkpoints)})
@@ -356,6 +399,9 @@ def forget(ctx: Ctx, ids: tuple[str, ...], run: str | None, keep_last: int | Non
     else:
         if not run or keep_last is None:
             raise LiferaftError("forget needs --run NAME --keep-last N (or snapshot ids)", "e.g. liferaft forget --run mnist --keep-last 3")
+        unknown = _unknown_run(run, sorted({s.run for s in vault.snapshots(damaged=[])}), vault.url)
+        if unknown:
+            raise SnapshotNotFound(f"{unknown[0]} (nothing was forgotten)", unknown[1])
         gone, report = vault.forget(run=run, keep_last=keep_last, prune=do_prune)
     if ctx.json:
         ctx.data({"forgotten": [s.to_json() for s in gone], "forgotten_damaged": damaged, "prune": report.to_json() if report else None})
@@ -432,7 +478,8 @@ def run() -> None:
         err.show()
         sys.exit(err.exit_code)
     except LiferaftError as err:
-        click.echo(f"liferaft: error: {_shown(err)}", err=True)
+        cli_fix = err.cli_fix  # the same advice with this command's flags (--vault)
+        click.echo(f"liferaft: error: {_shown(f'{err.what}; {cli_fix}' if cli_fix else err)}", err=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

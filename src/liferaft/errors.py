@@ -8,13 +8,18 @@ from __future__ import annotations
 
 
 class LiferaftError(Exception):
-    """Base class: ``str(err)`` is the one line shown to the user."""
+    """Base class: ``str(err)`` is the one line shown to the user.
+
+    ``cli_fix`` is the same advice in the command line's words (``--vault``, ``--force``)
+    where ``fix`` names the Python API's (``force=True``); the CLI prints that one.
+    """
 
     exit_code = 2
 
-    def __init__(self, what: str, fix: str | None = None) -> None:
+    def __init__(self, what: str, fix: str | None = None, *, cli_fix: str | None = None) -> None:
         self.what = what
         self.fix = fix
+        self.cli_fix = cli_fix
         super().__init__(f"{what}; {fix}" if fix else what)
 
 

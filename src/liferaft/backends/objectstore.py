@@ -214,6 +214,8 @@ class ObjectStoreBackend(Backend):
                 self.endpoint = opts.get("endpoint_url")
                 if "token" not in opts:
                     opts["token"] = gcs_token()
+                    if opts["token"] == os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+                        self._key_file = opts["token"]
             opts.setdefault("requests_timeout", _aiohttp_timeout())
             self.timeouts = _gcs_timeouts(opts["requests_timeout"])
             opts.setdefault("use_listings_cache", False)  # see the S3 case below
@@ -227,7 +229,7 @@ class ObjectStoreBackend(Backend):
                 source = f"the key file {token!r}" if isinstance(token, str) and os.path.isfile(token) else "the configured token"
                 raise CredentialsError(
                     f"{self.url}: GCS credentials cannot be loaded from {source} ({type(err).__name__}: {_clean(err)})",
-                    self._credentials_hint(),
+                    self._credentials_hint(key_unusable=True),
                 ) from None
         import s3fs
 
@@ -412,8 +414,24 @@ class ObjectStoreBackend(Backend):
         self._bucket_seen = found
         return found
 
-    def _credentials_hint(self) -> str:
+    _key_file: str | None = None  # the key file GOOGLE_APPLICATION_CREDENTIALS names, when it is the one in use
+
+    def _credentials_hint(self, *, key_unusable: bool = False) -> str:
         if self.scheme == "gcs":
+            key_file = self._key_file
+            if key_file:  # the variable is set: telling the user to set it sent them in a circle
+                other = "or unset it to use `gcloud auth application-default login` (on Colab, google.colab.auth.authenticate_user())"
+                if not os.access(key_file, os.R_OK):
+                    return f"GOOGLE_APPLICATION_CREDENTIALS names {key_file}, which cannot be read: make it readable, {other}"
+                if key_unusable:
+                    return (
+                        f"{key_file}, which GOOGLE_APPLICATION_CREDENTIALS names, is not a usable service-account key: "
+                        f"point the variable at the JSON key from the Cloud console, {other}"
+                    )
+                return (
+                    f"the credentials are the key file GOOGLE_APPLICATION_CREDENTIALS names ({key_file}): "
+                    f"give its service account access to this bucket, or point the variable at another key, {other}"
+                )
             return "on Colab run google.colab.auth.authenticate_user(); elsewhere `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS"
         return "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE (and AWS_ENDPOINT_URL for S3-compatible stores)"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import click
@@ -26,6 +28,7 @@ from ..errors import LiferaftError
 )
 @click.option("--grace", default="20", show_default=True, metavar="SECONDS", help="Time the command gets after SIGTERM.")
 @click.option("--force", is_flag=True, help="Restore the snapshot even over local files that differ from it.")
+@click.option("--include-secrets", is_flag=True, help="Also keep credential files (.netrc, *.pem, kaggle.json, .env, ...).")
 @click.option("--offline-ok", is_flag=True, help="Start even when the vault cannot be reached or written (snapshots are retried).")
 @click.option("-v", "--verbose", is_flag=True, help="Report every snapshot, not only the first.")
 @click.option("--vault", "vault_url", metavar="URL", help="Vault folder or URL (else LIFERAFT_VAULT, liferaft.toml, the default).")
@@ -39,6 +42,7 @@ def run_command(
     time_limit: str | None,
     grace: str,
     force: bool,
+    include_secrets: bool,
     offline_ok: bool,
     verbose: bool,
     vault_url: str | None,
@@ -58,7 +62,7 @@ def run_command(
     sees LIFERAFT_RUN, LIFERAFT_RESUMED (1 or 0), LIFERAFT_SNAPSHOT (the snapshot
     resumed from, else empty), LIFERAFT_VAULT and LIFERAFT_RESTARTS (0, then 1, 2, ...).
     """
-    from .keeper import keep_from_config
+    from ..config import project_keeps
     from .supervisor import RunOptions, Supervisor
     from .units import parse_duration
 
@@ -70,10 +74,10 @@ def run_command(
     every_s = parse_duration(every, "--every")
     grace_s = parse_duration(grace, "--grace")
     assert every_s is not None and grace_s is not None
-    limit: float | str | None = "auto" if time_limit is None else parse_duration(time_limit, "--time-limit", allow_off=True)
+    limit: float | str | None = "auto" if time_limit is None else _time_limit(time_limit)
     opts = RunOptions(
         command=list(command),
-        keep=list(keep) or keep_from_config(),
+        keep=list(keep) or project_keeps(),
         run=run_name,
         vault=vault_url or getattr(root, "vault_url", None),
         every=every_s,
@@ -82,7 +86,30 @@ def run_command(
         grace=grace_s,
         force=force,
         offline_ok=offline_ok,
+        include_secrets=include_secrets,
         quiet=quiet or bool(getattr(root, "quiet", False)),
         verbose=verbose,
     )
-    return Supervisor(opts).run()
+    supervisor = Supervisor(opts)
+    status = supervisor.run()
+    if supervisor.abandoned:
+        # The abandoned snapshot's uploads still run in this process's threads, and
+        # Python's exit would wait for them: end now (prune removes what they stored).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def _time_limit(text: str) -> float | None:
+    """``--time-limit``: a positive duration, or off/none/no/never for no cap."""
+    from .units import parse_duration
+
+    seconds = parse_duration(text, "--time-limit", allow_off=True)
+    if seconds is None and text.strip().lower() not in ("off", "none", "no", "never"):
+        # parse_duration reads 0 as "off": written here it is far likelier a slip.
+        raise LiferaftError(
+            f"--time-limit {text} must be more than 0",
+            "give a duration such as 11h30m, or --time-limit off for no cap (left out: the platform's cap)",
+        )
+    return seconds

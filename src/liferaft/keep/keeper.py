@@ -57,7 +57,8 @@ def resolve_keeps(keeps: Sequence[str | os.PathLike[str]], cwd: Path | None = No
     if not keeps:
         raise LiferaftError(
             "nothing to keep",
-            "name what your script writes, e.g. --keep checkpoints --keep runs (or keep = [...] in liferaft.toml)",
+            'name what your script writes, e.g. keep=["checkpoints", "runs"] (or keep = [...] in liferaft.toml)',
+            cli_fix="name what your script writes, e.g. --keep checkpoints --keep runs (or keep = [...] in liferaft.toml)",
         )
     paths: list[Path] = []
     args: list[str] = []
@@ -101,18 +102,11 @@ def check_run_name(run: str) -> str:
 
 
 def keep_from_config() -> list[str]:
-    """``keep = [...]`` from ``liferaft.toml`` (in the working folder or a parent), if any."""
-    from ..config import project_settings
+    """``keep = [...]`` from ``liferaft.toml`` (in the working folder or a parent), if any, as
+    paths from the working folder: the file's paths are taken from its own folder."""
+    from ..config import project_keeps
 
-    path, settings = project_settings()
-    keep = settings.get("keep")
-    if keep is None:
-        return []
-    if isinstance(keep, str):
-        keep = [keep]
-    if not isinstance(keep, list) or not all(isinstance(k, str) and k for k in keep):
-        raise LiferaftError(f"{path}: 'keep' must be a list of paths", 'write keep = ["checkpoints", "runs"]')
-    return list(keep)
+    return project_keeps()
 
 
 # ------------------------------------------------------------------ comparing with a snapshot
@@ -173,6 +167,19 @@ def _local_entries(root: Path) -> dict[str, os.stat_result] | None:
     return out
 
 
+# A file the snapshot lacks that says nothing but "keep this folder in git" is not work.
+PLACEHOLDER_NAMES = frozenset({".gitkeep", ".keep", ".gitignore", ".placeholder", "readme", "readme.md", "readme.txt", "readme.rst"})
+PLACEHOLDER_MAX = 4096
+
+
+def is_placeholder(rel: str, st: os.stat_result) -> bool:
+    """An empty regular file, or a small ``.gitkeep``/``.keep``/``.gitignore``/``README``
+    (what a fresh ``git clone`` puts in an empty checkpoints folder)."""
+    if rel == "." or not stat.S_ISREG(st.st_mode):
+        return False
+    return st.st_size == 0 or (st.st_size <= PLACEHOLDER_MAX and rel.rsplit("/", 1)[-1].lower() in PLACEHOLDER_NAMES)
+
+
 def _same_file(path: Path, st: os.stat_result, entry: Any, cached: list[str] | None) -> bool:
     if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
         return False
@@ -194,8 +201,10 @@ def _same_file(path: Path, st: os.stat_result, entry: Any, cached: list[str] | N
 def compare(keep: KeptPath, snap: SnapshotInfo, root_name: str, vault: Vault) -> Comparison:
     """Compare the local copy of ``keep`` with root ``root_name`` of ``snap``.
 
-    Only files and links count as work; folders' times do not (a fresh ``git clone``
-    with a ``.gitkeep`` must still be restored into).
+    Only files and links count as work; folders' times do not, nor placeholders the
+    snapshot lacks (``is_placeholder``: a fresh ``git clone`` with a ``.gitkeep`` must
+    still be restored into; the restore leaves them where they are). A file the snapshot
+    also has counts whenever it differs, placeholder or not.
     """
     from ..vault import format as fmt
     from ..vault.statcache import StatCache
@@ -235,7 +244,7 @@ def compare(keep: KeptPath, snap: SnapshotInfo, root_name: str, vault: Vault) ->
             differing.append(rel)
             newest_local = max(newest_local, st.st_mtime_ns)
     for rel, st in local.items():
-        if rel not in snap_entries:
+        if rel not in snap_entries and not is_placeholder(rel, st):
             differing.append(rel)
             newest_local = max(newest_local, st.st_mtime_ns)
     if not differing:
@@ -291,6 +300,28 @@ def match_roots(keeps: Sequence[KeptPath], snap: SnapshotInfo) -> dict[str, Kept
     return out
 
 
+def check_not_dangling(keep: KeptPath) -> None:
+    """Refuse a kept path that is (or lies below) a link to something absent, such as
+    ``checkpoints -> /content/drive/MyDrive/ckpt`` before Drive is mounted: restoring
+    would replace the link (or fail on it), and the command would write to the wrong
+    place or nowhere."""
+    path = keep.path
+    while not os.path.exists(path):
+        if os.path.islink(path):
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            at = keep.arg if path == keep.path else f"{path} (on the way to {keep.arg})"
+            raise LiferaftError(
+                f"{at} is a link to {target}, which does not exist",
+                "mount or create what it points to (e.g. Google Drive), or remove the link to keep a local folder",
+            )
+        if path.parent == path:
+            return
+        path = path.parent
+
+
 def restore_kept(
     vault: Vault,
     run: str,
@@ -309,6 +340,8 @@ def restore_kept(
     """
     import time
 
+    for k in keeps:
+        check_not_dangling(k)
     outcome = RestoreOutcome()
     candidates = [s for s in (snapshots if snapshots is not None else vault.snapshots(run=run)) if s.run == run]
     candidates = [s for s in candidates if match_roots(keeps, s)]
@@ -340,16 +373,23 @@ def _restore_from(vault: Vault, snap: SnapshotInfo, keeps: Sequence[KeptPath], *
             to_restore[name] = k
         elif c.state == "newer":
             outcome.kept_local.append(k)
+            # a kept file is its own example; "(e.g. .)" said nothing
+            work = "it is" if c.differing[0] == "." else "it has work"
+            example = "" if c.differing[0] == "." else f" (e.g. {c.differing[0]})"
             notes.append(
-                f"keeping local {k.arg}: it has work newer than snapshot {snap.short_id} (e.g. {c.differing[0]}); "
-                f"--force would restore the snapshot over it"
+                f"keeping local {k.arg}: {work} newer than snapshot {snap.short_id}{example}; --force would restore the snapshot over it"
             )
         else:
             where = "" if k.inside_cwd else " (outside the working folder)"
+            held = (
+                f"differs from the run's newest snapshot {snap.short_id} and is older than it"
+                if c.differing[0] == "."
+                else f"holds files that differ from the run's newest snapshot {snap.short_id} and are older than it (e.g. {c.differing[0]})"
+            )
             raise LiferaftError(
-                f"{k.arg}{where} holds files that differ from the run's newest snapshot {snap.short_id}"
-                f" and are older than it (e.g. {c.differing[0]}); restoring would write over them",
-                f"move {k.arg} away, or pass --force to restore the snapshot over it",
+                f"{k.arg}{where} {held}; restoring would write over {'it' if c.differing[0] == '.' else 'them'}",
+                f"move {k.arg} away, or pass force=True to restore the snapshot over it",
+                cli_fix=f"move {k.arg} away, or pass --force to restore the snapshot over it",
             )
     outcome.snapshot = snap
     if to_restore:

@@ -47,6 +47,7 @@ class Raft:
         *,
         quiet: bool = False,
         flush_timeout: float = 25.0,
+        include_secrets: bool = False,
     ) -> None:
         self.vault = vault
         self.run = run
@@ -56,8 +57,11 @@ class Raft:
         self.flush_timeout = flush_timeout
         self.restored = RestoreOutcome()
         self.closed = False
-        self._syncer = Syncer(vault, run, self.keeps, every, on_error=self._warn)
+        self._syncer = Syncer(vault, run, self.keeps, every, on_error=self._warn, on_notice=self._say, include_secrets=include_secrets)
         self._handlers: SignalHandlers | None = None
+        self._finishing = False  # the final snapshot is being taken
+        self._deferred: int | None = None  # a SIGTERM that came meanwhile
+        self._exit_trigger = "exit"  # "SIGTERM" once one has ended the script
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"syncing every {format_duration(self.every)}"
@@ -165,39 +169,83 @@ class Raft:
         global _current
         if self.closed:
             return None
-        self.closed = True
-        if self._handlers is not None and threading.current_thread() is threading.main_thread():
-            self._handlers.restore()
         with _lock:
             if _current is self:
                 _current = None
-        result = self._syncer.stop("close" if final else None, timeout=None)
+        # Our handler stays in until the snapshot is done: a SIGTERM meanwhile waits for it.
+        result = self._final("close" if final else None, timeout=None)
+        deferred = self._deferred
+        self._release_signals()
+        if deferred is not None:
+            os.kill(os.getpid(), deferred)  # now to the handler that was there before us
         if result is None:
             return None
         if result.error:
-            self._warn(f"the final snapshot failed: {result.error}")
+            self._warn(f"the final snapshot failed: {result.error}; the vault keeps the previous one")
             return None
         return result.snapshot
+
+    def _final(self, trigger: str | None, timeout: float | None) -> PassResult | None:
+        """Take the final snapshot (the last pass of the syncer), once."""
+        self._finishing = True  # before ``closed``: a signal may come between the two
+        self.closed = True
+        try:
+            return self._syncer.stop(trigger, timeout=timeout)
+        finally:
+            self._finishing = False
+
+    def _final_bounded(self, trigger: str) -> None:
+        result = self._final(trigger, timeout=self.flush_timeout)
+        if result is None:
+            self._warn(
+                f"the final snapshot ({trigger}) did not finish within {format_duration(self.flush_timeout)}; "
+                "the vault keeps the previous one: pass a larger flush_timeout= to attach() if the vault is slow"
+            )
+        elif result.error:
+            self._warn(f"the final snapshot ({trigger}) failed: {result.error}; the vault keeps the previous one")
+
+    def _release_signals(self) -> None:
+        """Put back the SIGTERM handler we replaced, unless the script has put in its own since."""
+        handlers = self._handlers
+        if handlers is None or threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+            handlers.restore()
+        else:
+            handlers.previous.clear()
 
     def _at_exit(self) -> None:
         if self.closed:
             return
-        self.closed = True
-        result = self._syncer.stop("exit", timeout=self.flush_timeout)
-        if result is None:
-            self._warn(f"the final snapshot did not finish within {format_duration(self.flush_timeout)} at exit")
-        elif result.error:
-            self._warn(f"the final snapshot at exit failed: {result.error}")
+        # A SIGTERM during this snapshot is not passed on: the process is ending anyway.
+        self._final_bounded(self._exit_trigger)
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         handlers = self._handlers
-        if not self.closed:
-            self.closed = True
-            result = self._syncer.stop("SIGTERM", timeout=self.flush_timeout)
-            if result is None or result.error:
-                self._warn(f"the final snapshot on SIGTERM failed: {'timed out' if result is None else result.error}")
-        if handlers is not None:
+        if self._finishing:
+            # A second SIGTERM (or one during the exit or close snapshot): dying now would
+            # lose the final snapshot and leave its session lock behind; it is bounded by
+            # flush_timeout, and the signal is acted on once it is done.
+            self._deferred = signum
+            return
+        if self.closed or handlers is None:
+            if handlers is not None:
+                handlers.chain(signum, frame)
+            return
+        previous = handlers.previous.get(signum)
+        if callable(previous) or previous == signal.SIG_IGN:
+            # The script's own handler first, so that what it saves is in the final
+            # snapshot. It may end the process (sys.exit): the final snapshot is taken at
+            # exit, after the unwinding (finally blocks) has written its files too.
+            self._exit_trigger = "SIGTERM"
             handlers.chain(signum, frame)
+            # It returned: the script goes on (a flag its loop checks) and ends in its own
+            # time. Snapshot now in the background; the final one is taken at exit.
+            self._syncer.request("SIGTERM")
+            return
+        # The default action: the final snapshot, then end the process by the signal.
+        self._final_bounded("SIGTERM")
+        handlers.chain(signum, frame)
 
 
 def attach(
@@ -209,11 +257,15 @@ def attach(
     force: bool = False,
     quiet: bool = False,
     flush_timeout: float = 25.0,
+    include_secrets: bool = False,
 ) -> Raft:
     """Restore ``keep`` from the vault, then snapshot it in the background every ``every`` seconds.
 
     The last snapshot is taken at interpreter exit (kernel shutdown or restart too) and
-    on SIGTERM. A second call in the same process returns the running raft.
+    on SIGTERM. A SIGTERM handler of the script's own (installed before or after
+    ``attach``) runs first, and what it saves is in the final snapshot: taken when the
+    process exits, after that handler, its ``sys.exit`` and the ``finally`` blocks. A
+    second call in the same process returns the running raft.
 
     Parameters
     ----------
@@ -234,6 +286,9 @@ def attach(
         Print only warnings.
     flush_timeout
         How long the final snapshot may take at exit or on SIGTERM.
+    include_secrets
+        Also keep credential files (``.netrc``, ``*.pem``, ``kaggle.json``, ``.env``,
+        service-account keys), which are left out by default with a note.
 
     Returns
     -------
@@ -279,7 +334,7 @@ def attach(
     the_vault = vault if isinstance(vault, Vault) else Vault(vault)
     check_vault_outside(keeps, the_vault)
     run_name = check_run_name(run or default_run_name())
-    raft = Raft(the_vault, run_name, keeps, every_s, quiet=quiet, flush_timeout=flush_timeout)
+    raft = Raft(the_vault, run_name, keeps, every_s, quiet=quiet, flush_timeout=flush_timeout, include_secrets=include_secrets)
     with _lock:
         if _current is not None and not _current.closed:  # another thread won the race
             return _current

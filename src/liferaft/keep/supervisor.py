@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 DEFAULT_GRACE = 20.0
 DEFAULT_EVERY = 60.0
 MAX_BACKOFF = 60.0
+#: How long abandoning the final snapshot waits for the vault to delete its session lock.
+ABANDON_WAIT = 10.0
 
 # Runs between fork and the command's exec (Linux), in a fresh Python (no thread-safety
 # worries of preexec_fn): die with the supervisor, lead a process group of its own in the
@@ -68,7 +70,18 @@ for name in ("SIGTTOU", "SIGPIPE", "SIGXFSZ"):
 try:
     os.execvp(sys.argv[3], sys.argv[3:])
 except OSError as e:
-    sys.stderr.write("liferaft: cannot start %s: %s\\n" % (sys.argv[3], e.strerror))
+    p = sys.argv[3]
+    if os.path.isdir(p):
+        why = "it is a folder, not a program"
+    elif e.errno == 13:
+        why = "permission denied; make it executable (chmod +x %s) or run it with its interpreter (e.g. bash %s)" % (p, p)
+    elif e.errno == 8:
+        why = "it is not a program and has no #! line; run it with its interpreter (e.g. bash %s)" % p
+    elif e.errno == 2 and os.path.exists(p):
+        why = "the interpreter on its #! line is not found"
+    else:
+        why = e.strerror
+    sys.stderr.write("liferaft: cannot run %s: %s\\n" % (p, why))
     sys.exit(127 if e.errno == 2 else 126)
 """
 
@@ -78,13 +91,79 @@ _STOPPED_BY = {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.S
 
 
 class CommandNotFound(LiferaftError):
-    """The command to run does not exist or cannot be executed."""
+    """The command to run does not exist (a shell's 127)."""
 
     exit_code = 127
 
 
+class CommandNotRunnable(CommandNotFound):
+    """The command exists but cannot be run: not executable, a folder (a shell's 126)."""
+
+    exit_code = 126
+
+
+class RunInterrupted(LiferaftError):
+    """Ctrl-C before the command started."""
+
+    exit_code = 130
+
+
+def _interpreter(path: str) -> str:
+    """What runs a script: its ``#!`` line's program, else a guess from its suffix."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(256).decode("utf-8", "replace")
+    except OSError:
+        first = ""
+    if first.startswith("#!"):
+        words = first[2:].split()
+        if words and os.path.basename(words[0]) == "env":
+            words = [w for w in words[1:] if not w.startswith("-")]
+        if words:
+            return os.path.basename(words[0])
+    return "python" if path.endswith(".py") else "bash" if path.endswith((".sh", ".bash")) else "sh"
+
+
+def _not_runnable(prog: str, err: OSError | None = None) -> CommandNotFound:
+    """The one line for a command that cannot be run, classified as a shell would (126
+    for a file or folder that cannot be run, 127 for nothing there)."""
+    import errno
+    import shlex
+
+    q = shlex.quote(prog)
+    a_path = os.sep in prog or bool(os.altsep and os.altsep in prog)
+    if a_path or (err is not None and err.errno != errno.ENOENT):
+        if os.path.isdir(prog):
+            return CommandNotRunnable(
+                f"cannot run {prog}: it is a folder, not a program", f"name the script in it, e.g. python {q}/train.py"
+            )
+        if os.path.isfile(prog) and (err is None or err.errno in (errno.EACCES, errno.EPERM)):
+            return CommandNotRunnable(
+                f"cannot run {prog}: permission denied",
+                f"make it executable (chmod +x {q}) or run it with its interpreter ({_interpreter(prog)} {q})",
+            )
+        if err is not None and err.errno == errno.ENOEXEC:
+            return CommandNotRunnable(
+                f"cannot run {prog}: it is not a program and has no #! line", f"run it with its interpreter ({_interpreter(prog)} {q})"
+            )
+        if err is not None and err.errno != errno.ENOENT:
+            return CommandNotRunnable(f"cannot run {prog}: {err.strerror or err}", "check that it is a program you may run")
+    if not a_path and os.path.isfile(prog):
+        hint = f"there is a file {prog} here, but commands are looked up on PATH: write ./{prog}, or {_interpreter(prog)} {q}"
+    elif not a_path and os.path.isdir(prog):
+        hint = f"{prog} here is a folder, not a command: name the script in it, e.g. python {q}/train.py"
+    elif prog.endswith(".py"):
+        hint = f"to run a Python script, write: liferaft run ... -- python {q}"
+    elif a_path:
+        hint = "there is no such file: check the path"
+    else:
+        hint = "check the spelling and that it is installed (and on PATH)"
+    return CommandNotFound(f"command not found: {prog}", hint)
+
+
 def check_command(command: Sequence[str]) -> list[str]:
-    """The command as a list, refusing an empty one or a program that is not there.
+    """The command as a list, refusing an empty one or a program that is not there or
+    cannot be run (exit status 127 or 126, as a shell gives).
 
     >>> check_command(["python", "train.py"])[0]
     'python'
@@ -93,15 +172,12 @@ def check_command(command: Sequence[str]) -> list[str]:
     if not cmd or not cmd[0]:
         raise LiferaftError("no command to run", "put it after --, e.g. liferaft run --keep checkpoints -- python train.py")
     prog = cmd[0]
-    ok = os.path.isfile(prog) and os.access(prog, os.X_OK) if os.sep in prog else shutil.which(prog) is not None
+    if os.sep in prog or (os.altsep and os.altsep in prog):
+        ok = os.path.isfile(prog) and os.access(prog, os.X_OK)
+    else:
+        ok = shutil.which(prog) is not None
     if not ok:
-        hint = (
-            f"to run a Python script, write: liferaft run ... -- python {prog}"
-            if prog.endswith(".py")
-            else "check the spelling and that it is installed (and on PATH)"
-        )
-        what = "is not executable" if os.sep in prog and os.path.isfile(prog) else "not found"
-        raise CommandNotFound(f"command {what}: {prog}", hint)
+        raise _not_runnable(prog)
     return cmd
 
 
@@ -119,6 +195,7 @@ class RunOptions:
     grace: float = DEFAULT_GRACE
     force: bool = False
     offline_ok: bool = False
+    include_secrets: bool = False  # also keep credential files (left out with a note otherwise)
     quiet: bool = False
     verbose: bool = False
     env: dict[str, str] = field(default_factory=dict)  # extra variables for the command
@@ -156,6 +233,10 @@ class Supervisor:
         self._committed_first = False
         self._finishing = False
         self._terminal = False
+        self.keeps: list[Any] = []
+        #: The final snapshot was abandoned (a second Ctrl-C during it): its uploads still
+        #: run in this process's threads, so the CLI ends the process at once.
+        self.abandoned = False
 
     # ------------------------------------------------------------ output
 
@@ -191,27 +272,37 @@ class Supervisor:
                 "give a longer --time-limit, a shorter --grace, or --time-limit off",
             )
         check_run_name(run)
-        vault = Vault(opts.vault)
-        check_vault_outside(keeps, vault)
-        lost = vault.lost_with_the_machine()
-        if lost:
-            self.warn(lost)
-        snaps = self._check_vault(vault, run)
-        self.say(
-            f"run {run!r} → {vault.url}; keeping {', '.join(k.arg for k in keeps)}; "
-            f"snapshot every {format_duration(opts.every)} when something changed; {limit_text}"
-        )
-        if snaps is not None:
-            self.outcome = restore_kept(vault, run, keeps, force=opts.force, say=self.warn, snapshots=snaps)
-            self._report_restore(run, snaps)
-        self.syncer = Syncer(
-            vault,
-            run,
-            keeps,
-            opts.every,
-            on_error=self.warn,
-            on_commit=self._on_commit,
-        )
+        self.keeps = keeps
+        phase = f"while opening the vault at {opts.vault}" if opts.vault else "while opening the vault"
+        try:  # Ctrl-C until the command starts: say what was done, not "aborted"
+            vault = Vault(opts.vault)
+            check_vault_outside(keeps, vault)
+            lost = vault.lost_with_the_machine()
+            if lost:
+                self.warn(lost)
+            phase = f"while reaching the vault at {vault.url}"
+            snaps = self._check_vault(vault, run)
+            self.say(
+                f"run {run!r} → {vault.url}; keeping {', '.join(k.arg for k in keeps)}; "
+                f"snapshot every {format_duration(opts.every)} when something changed; {limit_text}"
+            )
+            if snaps is not None:
+                phase = f"while restoring {', '.join(k.arg for k in keeps)} from the vault"
+                self.outcome = restore_kept(vault, run, keeps, force=opts.force, say=self.warn, snapshots=snaps)
+                self._report_restore(run, snaps)
+            phase = "before the command started"
+            self.syncer = Syncer(
+                vault,
+                run,
+                keeps,
+                opts.every,
+                on_error=self.warn,
+                on_notice=self.say,
+                on_commit=self._on_commit,
+                include_secrets=opts.include_secrets,
+            )
+        except KeyboardInterrupt:
+            raise self._interrupted(phase) from None
         handlers = SignalHandlers(STOP_SIGNALS, self._on_signal)
         self._terminal = _foreground_terminal()
         if self._terminal:
@@ -227,6 +318,19 @@ class Supervisor:
             if self._terminal:
                 self._take_terminal()
                 signal.signal(signal.SIGTTOU, ttou)
+
+    def _interrupted(self, phase: str) -> RunInterrupted:
+        restored = self.outcome.restored
+        if restored and self.outcome.snapshot is not None:
+            done = f"{', '.join(k.arg for k in restored)} restored from snapshot {self.outcome.snapshot.short_id}"
+        elif phase.startswith("while restoring"):
+            done = "the restore was not finished"
+        else:
+            done = "nothing restored"
+        return RunInterrupted(
+            f"interrupted {phase}: the command was not started; {done}; nothing saved",
+            "run the same command again to start",
+        )
 
     def _check_vault(self, vault: Any, run: str) -> list[Any] | None:
         """Reach (and create) the vault before the command starts, and prove it takes writes:
@@ -249,9 +353,9 @@ class Supervisor:
 
     def _refuse_unless_offline_ok(self, err: LiferaftError) -> None:
         if not self.opts.offline_ok:
+            fix = err.cli_fix or err.fix
             raise LiferaftError(
-                f"{err.what} (the command was not started)",
-                f"{err.fix + '; ' if err.fix else ''}or pass --offline-ok to run without it",
+                f"{err.what} (the command was not started)", f"{fix + '; ' if fix else ''}or pass --offline-ok to run without it"
             ) from None
 
     def _report_restore(self, run: str, snaps: list[Any]) -> None:
@@ -273,14 +377,17 @@ class Supervisor:
                 f"(taken {taken} ago on {snap.host}): {plural(o.files, 'file')}, {format_size(o.nbytes)} in {format_duration(o.seconds)}"
             )
         if o.same:
-            self.say(f"{', '.join(k.arg for k in o.same)} already match snapshot {snap.short_id}")
+            verb = "matches" if len(o.same) == 1 else "match"
+            self.say(f"{', '.join(k.arg for k in o.same)} already {verb} snapshot {snap.short_id}")
 
     def _on_commit(self, result: PassResult) -> None:
         if self._finishing:
             return  # the final pass has its own line
+        snap = result.snapshot
+        assert snap is not None
+        if not self.opts.verbose and not snap.stats.get("files"):
+            return  # the command has written nothing yet: the first snapshot worth a line holds files
         if self.opts.verbose or not self._committed_first:
-            snap = result.snapshot
-            assert snap is not None
             tail = "" if self.opts.verbose else " (later ones are quiet: liferaft snapshots lists them)"
             self.say(
                 f"snapshot {snap.short_id} committed: {plural(snap.stats.get('files', 0), 'file')}, "
@@ -308,13 +415,18 @@ class Supervisor:
             # a session is one scheduling group, and only inside it does the syncer's low
             # priority count against the training.
             fg = "1" if self._terminal else "0"
-            proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _LAUNCH, str(os.getpid()), fg, *command], env=env)
+            argv = [sys.executable, "-I", "-S", "-c", _LAUNCH, str(os.getpid()), fg, *command]
+        else:
+            argv = command
+        try:
+            proc = subprocess.Popen(argv, env=env, start_new_session=not sys.platform.startswith("linux"))
+        except OSError as err:  # elsewhere the command itself is exec'd here (on Linux the launcher reports)
+            raise _not_runnable(command[0], err) from None
+        if sys.platform.startswith("linux"):
             try:
                 os.setpgid(proc.pid, proc.pid)  # both sides set it: no window where it is unset
             except OSError:
                 pass
-        else:
-            proc = subprocess.Popen(command, env=env, start_new_session=True)
         threading.Thread(target=self._wait, args=(proc,), name="liferaft-wait", daemon=True).start()
         return proc
 
@@ -428,7 +540,13 @@ class Supervisor:
                 break
             if restart_at is not None and now >= restart_at:
                 restart_at = None
-                self.proc = self._start(command, run, vault_url)
+                try:
+                    self.proc = self._start(command, run, vault_url)
+                except CommandNotFound as err:  # gone or changed since the first start
+                    self.warn(f"{err}; not restarting the command")
+                    self.status = err.exit_code
+                    stopping = "crash"
+                    break
                 running = True
         return self._finish(stopping or "exit")
 
@@ -443,14 +561,23 @@ class Supervisor:
         t0 = time.monotonic()
         self._finishing = True
         req = self.syncer.request(trigger, stop=True)
-        while not req.done.wait(0.1):
+        warned = False
+        while not req.done.is_set():
             try:
-                ev = self.events.get_nowait()
+                ev = self.events.get(timeout=0.1)
             except queue.Empty:
                 continue
-            if ev[0] == "signal" and ev[1] == signal.SIGINT:
-                self.warn("interrupted during the final snapshot: exiting without it (the vault keeps the one before)")
-                return self.status or 130
+            if ev[0] != "signal" or ev[1] != signal.SIGINT:
+                continue  # SIGTERM, SIGHUP: the final snapshot is what they ask for
+            if not warned:
+                # A second Ctrl-C is often impatience, not a wish to lose the work since
+                # the last snapshot: say what is going on, and let a third one decide.
+                warned = True
+                self._tell(
+                    f"taking the final snapshot ({format_duration(time.monotonic() - t0)} so far); Ctrl-C again to abandon it{self._at_stake()}"
+                )
+                continue
+            return self._abandon(t0)
         result = req.result
         n = len(self.syncer.committed)
         if result is None or result.error or result.skipped:
@@ -473,6 +600,89 @@ class Supervisor:
         else:
             self.say(f"nothing changed since snapshot {snap.short_id}; {plural(n, 'snapshot')} this session; exit {self.status}")
         return self.status
+
+    def _tell(self, text: str) -> None:
+        """A line even with --quiet: the answer to the user's own Ctrl-C."""
+        self._out(f"liferaft: {text}")
+
+    def _last_saved(self) -> Any:
+        """The run's newest snapshot known here: committed (or found unchanged) this session, else the one restored."""
+        assert self.syncer is not None
+        saved = [p.snapshot for p in self.syncer.history if p.snapshot is not None]
+        return saved[-1] if saved else self.outcome.snapshot
+
+    def _at_stake(self) -> str:
+        paths = ", ".join(k.arg for k in self.keeps)
+        last = self._last_saved()
+        if last is None:
+            return f" (the vault holds no snapshot of {paths} from this run yet)"
+        ago = format_duration(max(0.0, time.time() - last.time))
+        return f" and lose the changes to {paths} since snapshot {last.short_id}, taken {ago} ago"
+
+    def _abandon(self, t0: float) -> int:
+        """Give up the final snapshot: end this process's writer sessions in the vault, so
+        that the pass can no longer commit (a writer commits only while its session lock
+        exists) and no lock is left behind, then let the caller end the process, which
+        stops the uploads in flight. What they stored is unreferenced: prune removes it."""
+        done = threading.Event()
+        failed: list[str] = []
+
+        def release() -> None:
+            try:
+                self._end_sessions()
+            except Exception as err:  # the vault does not answer: the lock goes stale
+                failed.append(str(err) or type(err).__name__)
+            finally:
+                done.set()
+
+        threading.Thread(target=release, name="liferaft-abandon", daemon=True).start()
+        end = time.monotonic() + ABANDON_WAIT
+        while not done.wait(0.1) and time.monotonic() < end:
+            try:
+                ev = self.events.get_nowait()
+            except queue.Empty:
+                continue
+            if ev[0] == "signal" and ev[1] == signal.SIGINT:
+                failed.append("interrupted")
+                break  # yet another Ctrl-C: leave now
+        from ..vault.repository import STALE_AFTER
+
+        self.abandoned = True
+        status = self.status or 130
+        lock = (
+            ""
+            if done.is_set() and not failed
+            else f"; its session lock could not be removed ({failed[0] if failed else 'no answer'}): it expires within "
+            f"{format_duration(STALE_AFTER)}, or liferaft prune removes it"
+        )
+        paths = ", ".join(k.arg for k in self.keeps)
+        last = self._last_saved()
+        kept = (
+            f"the vault keeps snapshot {last.short_id} (taken {format_duration(max(0.0, time.time() - last.time))} ago); "
+            f"changes to {paths} since then are not saved"
+            if last is not None
+            else f"the vault holds no snapshot of {paths} from this run"
+        )
+        self.warn(
+            f"abandoned the final snapshot after {format_duration(time.monotonic() - t0)}: {kept}; "
+            f"what it had uploaded is removed by liferaft prune{lock}; exit {status}"
+        )
+        return status
+
+    def _end_sessions(self) -> None:
+        """Delete the writer-session locks this process holds in the vault."""
+        from ..platform import hostname, pid_scope
+
+        assert self.syncer is not None
+        repo = self.syncer.vault.repository()
+        me = (hostname(), os.getpid(), pid_scope())
+        for _ in range(2):  # twice: a heartbeat may have rewritten one as it was deleted
+            mine = [d["name"] for d in repo.live_sessions() if (d.get("host"), d.get("pid"), d.get("scope")) == me]
+            if not mine:
+                return
+            for name in mine:
+                # The repository has no call to end another thread's session: by name.
+                repo.backend.delete(name)
 
 
 def _foreground_terminal() -> bool:

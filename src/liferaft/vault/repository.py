@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from .. import __version__
@@ -119,6 +120,78 @@ def _wrap_backend_errors(what: str, url: str) -> Callable[[BaseException], Lifer
     return convert
 
 
+def _config_is_ours(raw: bytes) -> bool:
+    """Whether a config.json that does not parse as a vault config was written by liferaft
+    (then it is damage): liferaft's has a ``chunker`` and says ``created_by: liferaft``;
+    an empty file or a cut one (invalid JSON holding those words) is taken as ours."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return not raw.strip() or b'"chunker"' in raw or b"liferaft" in raw
+    if not isinstance(doc, dict):
+        return False
+    return "chunker" in doc or str(doc.get("created_by", "")).startswith("liferaft")
+
+
+_LAYOUT = ("snapshots/", "index/", "packs/")
+
+
+def _holds_vault_data(backend: Backend) -> bool:
+    """Whether the location holds objects where a vault keeps its data; a store that
+    cannot say counts as yes (then damage is reported, never a foreign folder)."""
+    try:
+        return any(next(iter(backend.list(prefix)), None) is not None for prefix in _LAYOUT)
+    except BackendError:
+        return True
+
+
+def _top_names(backend: Backend, limit: int = 200) -> list[str]:
+    """A few top-level names at the location (folders end in ``/``), for a message."""
+    names: dict[str, None] = {}
+    try:
+        for i, obj in enumerate(backend.list("")):
+            head, sep, _ = obj.name.partition("/")
+            names[head + sep] = None
+            if i >= limit:
+                break
+    except BackendError:
+        return []
+    return sorted(names)
+
+
+def _without_config(backend: Backend) -> LiferaftError:
+    """A location with something in it but no config.json: a vault that lost its config
+    (its snapshots cannot be read without it), or someone else's folder."""
+    url = backend.url
+    if _holds_vault_data(backend):
+        return VaultCorrupt(
+            f"{url} holds a liferaft vault's data but no {CONFIG} (deleted, or not synced yet)",
+            f"restore {CONFIG} from a copy of the vault (a Drive mount may still be syncing it); its snapshots cannot be read without it",
+        )
+    names = _top_names(backend)
+    root = getattr(backend, "root", None)
+    if not names and isinstance(root, Path):  # a local folder holding only empty folders
+        try:
+            with os.scandir(root) as entries:
+                folders = sorted(e.name + "/" for e in entries if e.is_dir(follow_symlinks=False))
+        except OSError:
+            folders = []
+        if folders and all(f in _LAYOUT or f == "locks/" for f in folders):
+            return NotAVault(
+                f"{url} is not a liferaft vault (it holds only empty {', '.join(folders)} and no {CONFIG})",
+                "remove those empty folders to create a new vault there, or choose the vault's own folder",
+                cli_fix="remove those empty folders to create a new vault there, or point --vault at the vault folder",
+            )
+        names = folders
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    held = f"it holds {shown} but no {CONFIG}" if shown else f"it has files but no {CONFIG}"
+    return NotAVault(
+        f"{url} is not a liferaft vault ({held})",
+        "choose an empty or new folder for the vault, or an existing vault",
+        cli_fix="point --vault at an empty or new folder, or at an existing vault",
+    )
+
+
 class Repository:
     """A vault's storage layer over a Backend."""
 
@@ -152,23 +225,35 @@ class Repository:
         if raw is None:
             if not create:
                 if backend.exists_location() and not backend.is_empty():
-                    raise NotAVault(
-                        f"{backend.url} is not a liferaft vault (it has files but no {CONFIG})",
-                        "point --vault at an empty or new folder, or at an existing vault",
-                    )
-                raise VaultNotFound(f"no vault at {backend.url}", "take a snapshot to create it, or check --vault")
+                    raise _without_config(backend)
+                raise VaultNotFound(
+                    f"no vault at {backend.url}",
+                    "take a snapshot to create it, or check the vault's location",
+                    cli_fix="take a snapshot to create it, or check --vault",
+                )
             if not backend.is_empty():
                 try:
                     raw = backend.get(CONFIG)  # another process may have created it just now
                 except ObjectNotFound:
-                    raise NotAVault(
-                        f"{backend.url} is not a liferaft vault (it has files but no {CONFIG})",
-                        "point --vault at an empty or new folder, or at an existing vault",
-                    ) from None
-                return cls(backend, cls._parse_config(raw, backend.url))
+                    raise _without_config(backend) from None
+                return cls(backend, cls._read_config(raw, backend))
             return cls._create(backend)
-        config = cls._parse_config(raw, backend.url)
-        return cls(backend, config)
+        return cls(backend, cls._read_config(raw, backend))
+
+    @classmethod
+    def _read_config(cls, raw: bytes, backend: Backend) -> dict[str, Any]:
+        """The parsed config; a config.json that is not liferaft's (a Hugging Face model
+        folder has one) is NotAVault, while a damaged one of ours stays VaultCorrupt."""
+        try:
+            return cls._parse_config(raw, backend.url)
+        except (VaultCorrupt, VaultFormatTooNew):
+            if _config_is_ours(raw) or _holds_vault_data(backend):
+                raise
+        raise NotAVault(
+            f"{backend.url} is not a liferaft vault (its {CONFIG} is not liferaft's)",
+            "choose the vault's own folder, or an empty or new folder to create one",
+            cli_fix="point --vault at the vault folder, or at an empty or new folder to create one",
+        ) from None
 
     @staticmethod
     def _parse_config(raw: bytes, url: str) -> dict[str, Any]:
