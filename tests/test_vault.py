@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import liferaft
 from conftest import make_tree, tree_state
-from liferaft.errors import LiferaftError
+from liferaft.errors import LiferaftError, RestoreRefused
 from liferaft.keep.units import plural
 from liferaft.vault import format as fmt
 
@@ -558,6 +558,30 @@ def test_restore_refuses_to_replace_a_folder_with_a_file(vault_url: str, tmp_pat
         vault.restore(run="r")
     assert (work / "thing" / "precious").read_text() == "data"
     assert not [p for p in work.rglob(".liferaft-*")]
+
+
+@pytest.mark.parametrize("what", ["folder", "file", "below"])
+def test_restore_in_place_refuses_a_dangling_link_in_the_way(local_vault: str, tmp_path: Path, what: str) -> None:
+    # checkpoints -> /content/drive/... before Drive is mounted: replacing the link (a file)
+    # or failing on it with "File exists" (a folder) were both wrong.
+    work = tmp_path / "w"
+    make_tree(work / "nest" / "ckpt", {"state": "1"})
+    (work / "model.pt").write_text("weights")
+    vault = liferaft.Vault(local_vault)
+    vault.snapshot([work / "nest" / "ckpt", work / "model.pt"], run="r")
+    shutil.rmtree(work / "nest" / "ckpt")
+    (work / "model.pt").unlink()
+    gone = tmp_path / "drive" / "MyDrive"
+    link, root = {"folder": (work / "nest" / "ckpt", "ckpt"), "file": (work / "model.pt", "model.pt"), "below": (work / "nest", "ckpt")}[
+        what
+    ]
+    if what == "below":
+        (work / "nest").rmdir()
+    link.symlink_to(gone / link.name)
+    with pytest.raises(RestoreRefused, match=rf"{link} is a link to {gone / link.name}, which does not exist; mount or create"):
+        vault.restore(run="r", only=[root])
+    assert link.is_symlink() and not link.exists()
+    assert not gone.exists()
 
 
 def test_a_folder_this_restore_makes_in_a_files_place_is_refused_before_anything_is_shown(local_vault: str, tmp_path: Path) -> None:

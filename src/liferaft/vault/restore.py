@@ -129,6 +129,21 @@ def destinations(
     return out
 
 
+def _refuse_dangling(path: Path) -> None:
+    """Refuse to restore through a link to something absent (``checkpoints ->
+    /content/drive/...`` before Drive is mounted): replacing the link, or a folder made in
+    its place, would put the files where the user's own setup does not look."""
+    if os.path.islink(path) and not os.path.exists(path):
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        raise RestoreRefused(
+            f"{path} is a link to {target}, which does not exist",
+            "mount or create what it points to (e.g. Google Drive), remove the link, or restore with --to DIR",
+        )
+
+
 def _describe(st: os.stat_result) -> str:
     if stat.S_ISLNK(st.st_mode):
         return "link"
@@ -177,6 +192,7 @@ class _Tree:
             while not os.path.lexists(p):
                 missing.append(p)
                 p = p.parent
+            _refuse_dangling(p)
             os.makedirs(root, exist_ok=True)
             self.created.update(dict.fromkeys(reversed(missing)))
             self.created_names.update(str(p) for p in missing)
@@ -287,6 +303,7 @@ def restore_snapshot(
             if not rel:  # the root itself is a file
                 parent = dests[root].parent
                 tree.ensure_root(parent)  # made folders are taken back if this restore fails
+                _refuse_dangling(dests[root])
                 final = str(dests[root])
             else:
                 parent = tree.ensure(dests[root], rel[:-1])
