@@ -200,11 +200,45 @@ def test_what_the_scripts_own_sigterm_handler_saves_is_in_the_final_snapshot(tmp
     assert proc.returncode == 5, err
     assert "my handler ran" in out
     snaps = _snaps(local_vault, "sub")
-    # exactly one final snapshot; "SIGTERM" when attach's handler saw the signal
-    assert [s.tags.get("trigger") for s in snaps] == ["SIGTERM" if order == "before-attach" else "exit"], err
+    if order == "before-attach":
+        # attach's handler saw the signal: a snapshot before the script's handler ran, and
+        # the final one at exit, after it
+        assert [s.tags.get("trigger") for s in snaps] == ["SIGTERM", "SIGTERM"], err
+        assert _content(local_vault, snaps[0].id, tmp_path, "ckpt/state") == "before the signal"
+    else:
+        assert [s.tags.get("trigger") for s in snaps] == ["exit"], err
     assert _content(local_vault, snaps[-1].id, tmp_path, "ckpt/state") == "saved by my handler"
     assert _content(local_vault, snaps[-1].id, tmp_path, "ckpt/unwound") == "written while exiting"
     assert _locks(local_vault) == []
+
+
+@pytest.mark.parametrize("how", ["sig-dfl-and-kill", "os-exit", "closed-raft-handler"])
+def test_a_handler_that_ends_the_process_without_unwinding_still_leaves_a_snapshot(tmp_path: Path, local_vault: str, how: str) -> None:
+    # No exit hook runs after these: the snapshot must be taken before the script's handler.
+    # "closed-raft-handler": a raft closed from another thread left its handler in, and the
+    # next attach() chained to it (it ends the process by the default action).
+    handler = {
+        "sig-dfl-and-kill": "def mine(n, f):\n    signal.signal(n, signal.SIG_DFL)\n    os.kill(os.getpid(), n)\n",
+        "os-exit": "def mine(n, f):\n    os._exit(3)\n",
+        "closed-raft-handler": "",
+    }[how]
+    install = "signal.signal(signal.SIGTERM, mine)\n" if handler else ""
+    before = ""
+    if how == "closed-raft-handler":
+        before = (
+            "import threading, liferaft\n"
+            f"old = liferaft.attach(keep='other', vault={local_vault!r}, run='old', every=3600, quiet=True)\n"
+            "t = threading.Thread(target=old.close); t.start(); t.join()\n"
+        )
+    script = "import os, signal, sys, time\n" + handler + install + before + ATTACHED + "print('ready', flush=True)\ntime.sleep(60)\n"
+    proc = _python(script, tmp_path, local_vault, "state at the signal")
+    _wait_ready(proc)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == (3 if how == "os-exit" else -signal.SIGTERM), err
+    snaps = _snaps(local_vault, "sub")
+    assert snaps and snaps[-1].tags.get("trigger") == "SIGTERM", err
+    assert _content(local_vault, snaps[-1].id, tmp_path, "ckpt/state") == "state at the signal"
 
 
 @pytest.mark.parametrize("how", ["flag-before-attach", "flag-after-attach", "ignored-before-attach"])

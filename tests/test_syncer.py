@@ -41,7 +41,7 @@ def test_a_file_failing_with_an_io_error_is_not_busy_and_commits_nothing_again(l
     assert snap.stats["skipped"] == ["/proc/self/mem: Input/output error"] and snap.stats["changed_during_read"] == []
     # said once a session, not on every pass
     assert warnings == [
-        "1 path left out of the snapshots, e.g. /proc/self/mem: Input/output error; "
+        "1 path could not be taken into the snapshots, e.g. /proc/self/mem: Input/output error; "
         "make it readable (permissions, the mount it is on) to keep it"
     ]
 

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -835,3 +836,25 @@ def test_a_crafted_temp_name_or_lock_pid_is_no_traceback(tmp_path: Path) -> None
     odd.write_bytes(b"?")
     result = vault.restore(run="r")
     assert result is not None and result.stale_temps_removed == 0 and odd.exists()
+
+
+def test_a_folder_renamed_while_walked_is_a_change_not_a_skipped_path(
+    local_vault: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A checkpoint written as step-100.tmp/ and renamed to step-100/ between the listing of
+    # its parent and the walk into it: "No such file or directory" was reported as a path
+    # that could not be read ("make it readable"), and the pass was not retried soon.
+    from liferaft.vault import snapshot as snapshot_mod
+
+    work = make_tree(tmp_path / "ckpt", {"step-100.tmp/w.bin": "weights", "keep.txt": "k"})
+    real_scandir = os.scandir
+
+    def scandir_then_rename(path: Any) -> Any:
+        if str(path).endswith("step-100.tmp"):
+            os.rename(path, work / "step-100")  # the writer's rename lands just now (a real ENOENT follows)
+        return real_scandir(path)
+
+    monkeypatch.setattr(snapshot_mod.os, "scandir", scandir_then_rename)
+    snap = liferaft.Vault(local_vault).snapshot([work], run="r")
+    assert snap.stats["skipped"] == [], snap.stats
+    assert snap.stats["changed_during_read"] == ["ckpt/step-100.tmp"], snap.stats

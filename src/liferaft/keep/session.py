@@ -204,6 +204,18 @@ class Raft:
         elif result.error:
             self._warn(f"the final snapshot ({trigger}) failed: {result.error}; the vault keeps the previous one")
 
+    def _snapshot_before_handler(self) -> None:
+        self._finishing = True  # a second SIGTERM meanwhile is the same request: held, then dropped
+        try:
+            result = self._syncer.sync("SIGTERM", timeout=self.flush_timeout)
+        finally:
+            self._finishing = False
+            self._deferred = None
+        if result is None:
+            self._warn(f"the snapshot on SIGTERM did not finish within {format_duration(self.flush_timeout)}; it goes on in the background")
+        elif result.error:
+            self._warn(f"the snapshot on SIGTERM failed: {result.error}; the final snapshot is tried again at exit")
+
     def _release_signals(self) -> None:
         """Put back the SIGTERM handler we replaced, unless the script has put in its own since."""
         handlers = self._handlers
@@ -234,14 +246,16 @@ class Raft:
             return
         previous = handlers.previous.get(signum)
         if callable(previous) or previous == signal.SIG_IGN:
-            # The script's own handler first, so that what it saves is in the final
-            # snapshot. It may end the process (sys.exit): the final snapshot is taken at
-            # exit, after the unwinding (finally blocks) has written its files too.
+            # First a snapshot of what is there now (bounded by flush_timeout): the script's
+            # handler may end the process without unwinding (os._exit, or SIG_DFL and the
+            # signal again), and then no exit hook runs.
             self._exit_trigger = "SIGTERM"
+            self._snapshot_before_handler()
+            # Then the script's handler. If it ends the process (sys.exit), the final
+            # snapshot is taken at exit, after the unwinding (finally blocks): it holds
+            # what the handler saved. If it returns (a flag the training loop checks), the
+            # script goes on, and the final snapshot is taken when it ends.
             handlers.chain(signum, frame)
-            # It returned: the script goes on (a flag its loop checks) and ends in its own
-            # time. Snapshot now in the background; the final one is taken at exit.
-            self._syncer.request("SIGTERM")
             return
         # The default action: the final snapshot, then end the process by the signal.
         self._final_bounded("SIGTERM")
@@ -262,10 +276,11 @@ def attach(
     """Restore ``keep`` from the vault, then snapshot it in the background every ``every`` seconds.
 
     The last snapshot is taken at interpreter exit (kernel shutdown or restart too) and
-    on SIGTERM. A SIGTERM handler of the script's own (installed before or after
-    ``attach``) runs first, and what it saves is in the final snapshot: taken when the
-    process exits, after that handler, its ``sys.exit`` and the ``finally`` blocks. A
-    second call in the same process returns the running raft.
+    on SIGTERM. With a SIGTERM handler of the script's own (installed before or after
+    ``attach``), what it saves is in the final snapshot: taken when the process exits,
+    after that handler, its ``sys.exit`` and the ``finally`` blocks (a handler installed
+    before ``attach`` is called after a snapshot of what is there, in case it ends the
+    process without unwinding). A second call in the same process returns the running raft.
 
     Parameters
     ----------

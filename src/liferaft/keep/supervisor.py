@@ -632,6 +632,13 @@ class Supervisor:
                 self._end_sessions()
             except Exception as err:  # the vault does not answer: the lock goes stale
                 failed.append(str(err) or type(err).__name__)
+            try:
+                # Now, as the process ends without exit hooks: an rclone:// vault's own
+                # `rclone serve s3` process stops with its backend.
+                assert self.syncer is not None
+                self.syncer.vault.backend.close()
+            except Exception:  # ending anyway
+                pass
             finally:
                 done.set()
 

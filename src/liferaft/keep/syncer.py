@@ -355,10 +355,12 @@ class Syncer:
         self._skipped_warned.update(new)
         if self.on_error is not None:
             try:
-                self.on_error(
-                    f"{plural(len(new), 'path')} left out of the snapshots, e.g. {new[0]}; "
-                    "make it readable (permissions, the mount it is on) to keep it"
+                fix = (
+                    "rename it (a backslash or NUL in a name does not restore everywhere) to keep it"
+                    if new[0].endswith(": name not portable")
+                    else "make it readable (permissions, the mount it is on) to keep it"
                 )
+                self.on_error(f"{plural(len(new), 'path')} could not be taken into the snapshots, e.g. {new[0]}; {fix}")
             except Exception:
                 pass
 

@@ -99,6 +99,7 @@ class WalkResult:
     files: int = 0
     nbytes: int = 0
     skipped: list[str] = field(default_factory=list)  # "abspath: reason"
+    gone: list[str] = field(default_factory=list)  # paths in the snapshot gone between listing and looking: changed
     secrets: list[str] = field(default_factory=list)  # paths in the snapshot ("ckpt/kaggle.json"), left out
 
 
@@ -135,7 +136,10 @@ def _walk(root: Path, name: str, result: WalkResult, skip: set[str], include_sec
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as err:
-            result.skipped.append(f"{folder}: {err.strerror}")
+            if err.errno in _GONE:
+                result.gone.append(rel)  # renamed or deleted since its parent was listed
+            else:
+                result.skipped.append(f"{folder}: {err.strerror}")
             continue
         subdirs = []
         for de in entries:
@@ -150,7 +154,10 @@ def _walk(root: Path, name: str, result: WalkResult, skip: set[str], include_sec
             try:
                 est = de.stat(follow_symlinks=False)
             except OSError as err:
-                result.skipped.append(f"{de.path}: {err.strerror}")
+                if err.errno in _GONE:
+                    result.gone.append(path)
+                else:
+                    result.skipped.append(f"{de.path}: {err.strerror}")
                 continue
             mode = est.st_mode
             if stat.S_ISLNK(mode):
@@ -461,9 +468,9 @@ def take_snapshot(
         name: StatCache(repo.id, root).load() if use_cache else StatCache(repo.id, root) for root, name in zip(roots, names, strict=False)
     }
     if skip_unchanged and parent is not None and _same_roots(parent.roots, root_docs) and _unchanged(repo, walk, caches, parent):
-        return _as_unchanged(parent, walk, [])  # an idle pass: not even a session lock is written
+        return _as_unchanged(parent, walk, list(walk.gone))  # an idle pass: not even a session lock is written
     new_cache: dict[str, dict[str, list[Any]]] = {name: {} for name in names}
-    changed: list[str] = []
+    changed: list[str] = list(walk.gone)  # gone while walked: the next pass, soon, sees what replaced them
     entries: list[fmt.Entry] = []
     progress.start("snapshot", walk.files, walk.nbytes)
     with repo.session() as session:
