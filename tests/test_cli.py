@@ -517,7 +517,14 @@ def test_a_run_the_vault_does_not_have_is_an_error_naming_the_runs(tmp_path: Pat
     r = cli("--vault", vault, "restore", "--run", "mnsit", "--to", str(work / "back"))
     one_line_error(r, "no run 'mnsit' in the vault at", "did you mean 'mnist'?", "runs there: cifar, mnist")
     assert r.returncode == 2 and r.stdout == "" and not (work / "back").exists()
+    # a name close to no run is a new run's first restore (`restore --run exp2 && python train.py`)
     r = cli("--vault", vault, "restore", "--run", "imagenet", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["restored"] is None, r.stderr
+    r = cli("--vault", vault, "restore", "--run", "imagenet")
+    assert (
+        r.returncode == 0 and "nothing to restore: no snapshot of run 'imagenet' (runs in this vault: cifar, mnist" in r.stderr + r.stdout
+    )
+    r = cli("--vault", vault, "snapshots", "--run", "imagenet")
     one_line_error(r, "no run 'imagenet'", "pick one with --run; runs there: cifar, mnist")
     assert r.returncode == 2 and r.stdout == ""
     r = cli("--vault", vault, "snapshots", "--run", "mnsit")

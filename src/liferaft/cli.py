@@ -130,15 +130,18 @@ def _parse_metrics(values: tuple[str, ...]) -> dict[str, float]:
     return metrics
 
 
-def _unknown_run(run: str, runs: list[str], url: str) -> tuple[str, str] | None:
+def _unknown_run(run: str, runs: list[str], url: str, *, typo_only: bool = False) -> tuple[str, str] | None:
     """What is wrong and what to do when ``run`` is not among the vault's ``runs``: a name
     typed on the command line that matches nothing is far more often a typo than a run
-    yet to start. None when the run is known or the vault holds no run at all (a first run)."""
+    yet to start. None when the run is known or the vault holds no run at all (a first run),
+    and with ``typo_only`` when no run's name is close to it (a new run's first restore)."""
     if not runs or run in runs:
         return None
     import difflib
 
     close = difflib.get_close_matches(run, runs, n=1, cutoff=0.6)
+    if typo_only and not close:
+        return None
     listed = ", ".join(_shown(r) for r in runs[:10]) + (f" and {len(runs) - 10} more" if len(runs) > 10 else "")
     fix = f"did you mean {_shown(close[0])!r}? (runs there: {listed})" if close else f"pick one with --run; runs there: {listed}"
     return f"no run {_shown(run)!r} in the vault at {url}", fix
@@ -315,8 +318,10 @@ def restore(ctx: Ctx, snapshot_id: str | None, run: str | None, to: str | None, 
         except VaultNotFound:
             snaps = []
         runs = sorted({s.run for s in snaps})
-        unknown = _unknown_run(name, runs, vault.url)
-        if run is not None and unknown:  # --run given: a typo must not pass for a first run
+        # --run given: a typo must not pass for a first run; a name close to none of the
+        # runs is a new run (`liferaft restore --run exp2 && python train.py` on a shared vault)
+        unknown = _unknown_run(name, runs, vault.url, typo_only=True)
+        if run is not None and unknown:
             raise SnapshotNotFound(*unknown)
         checkpoints = [s for s in snaps if s.run == name and is_checkpoint(s)]
         if ctx.json:
