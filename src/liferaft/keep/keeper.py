@@ -122,6 +122,11 @@ class Comparison:
     snap_files: int = 0  # files and bytes of this path in the snapshot
     snap_bytes: int = 0
 
+    @property
+    def is_file(self) -> bool:
+        """The kept path is a file: the one differing path is itself (``"."``)."""
+        return self.differing[:1] == ["."]
+
 
 def _is_secret(name: str) -> bool:
     from ..vault.snapshot import is_secret
@@ -305,21 +310,16 @@ def check_not_dangling(keep: KeptPath) -> None:
     ``checkpoints -> /content/drive/MyDrive/ckpt`` before Drive is mounted: restoring
     would replace the link (or fail on it), and the command would write to the wrong
     place or nowhere."""
-    path = keep.path
-    while not os.path.exists(path):
-        if os.path.islink(path):
-            try:
-                target = os.readlink(path)
-            except OSError:
-                target = "?"
-            at = keep.arg if path == keep.path else f"{path} (on the way to {keep.arg})"
-            raise LiferaftError(
-                f"{at} is a link to {target}, which does not exist",
-                "mount or create what it points to (e.g. Google Drive), or remove the link to keep a local folder",
-            )
-        if path.parent == path:
-            return
-        path = path.parent
+    from ..vault.restore import dangling_link
+
+    found = dangling_link(keep.path)
+    if found is not None:
+        link, target = found
+        at = keep.arg if link == keep.path else f"{link} (on the way to {keep.arg})"
+        raise LiferaftError(
+            f"{at} is a link to {target}, which does not exist",
+            "mount or create what it points to (e.g. Google Drive), or remove the link to keep a local folder",
+        )
 
 
 def restore_kept(
@@ -374,20 +374,20 @@ def _restore_from(vault: Vault, snap: SnapshotInfo, keeps: Sequence[KeptPath], *
         elif c.state == "newer":
             outcome.kept_local.append(k)
             # a kept file is its own example; "(e.g. .)" said nothing
-            work = "it is" if c.differing[0] == "." else "it has work"
-            example = "" if c.differing[0] == "." else f" (e.g. {c.differing[0]})"
+            work, example = ("it is", "") if c.is_file else ("it has work", f" (e.g. {c.differing[0]})")
             notes.append(
                 f"keeping local {k.arg}: {work} newer than snapshot {snap.short_id}{example}; --force would restore the snapshot over it"
             )
         else:
             where = "" if k.inside_cwd else " (outside the working folder)"
             held = (
-                f"differs from the run's newest snapshot {snap.short_id} and is older than it"
-                if c.differing[0] == "."
-                else f"holds files that differ from the run's newest snapshot {snap.short_id} and are older than it (e.g. {c.differing[0]})"
+                f"differs from the run's newest snapshot {snap.short_id} and is older than it; restoring would write over it"
+                if c.is_file
+                else f"holds files that differ from the run's newest snapshot {snap.short_id} and are older than it "
+                f"(e.g. {c.differing[0]}); restoring would write over them"
             )
             raise LiferaftError(
-                f"{k.arg}{where} {held}; restoring would write over {'it' if c.differing[0] == '.' else 'them'}",
+                f"{k.arg}{where} {held}",
                 f"move {k.arg} away, or pass force=True to restore the snapshot over it",
                 cli_fix=f"move {k.arg} away, or pass --force to restore the snapshot over it",
             )

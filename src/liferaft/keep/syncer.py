@@ -37,7 +37,6 @@ class PassResult:
     seconds: float = 0.0
     error: str | None = None
     skipped: str | None = None
-    error_kind: str | None = None  # ``error`` without its varying parts: one warning per kind
 
     @property
     def busy(self) -> bool:
@@ -82,6 +81,15 @@ def error_kind(err: BaseException | str) -> str:
     """
     name, text = ("", err) if isinstance(err, str) else (type(err).__name__, str(err))
     return f"{name}: {_VARYING.sub('#', text)}" if name else _VARYING.sub("#", text)
+
+
+def _call(callback: Callable[[str], None] | None, text: str) -> None:
+    """Hand ``text`` to a caller's callback; what it raises must not stop the syncer."""
+    if callback is not None:
+        try:
+            callback(text)
+        except Exception:
+            pass
 
 
 def lower_thread_priority() -> None:
@@ -316,11 +324,11 @@ class Syncer:
                 include_secrets=self.include_secrets,
             )
         except LiferaftError as err:
-            result = PassResult(trigger, seconds=time.monotonic() - t0, error=str(err), error_kind=error_kind(err))
+            result = PassResult(trigger, seconds=time.monotonic() - t0, error=str(err))
             self._failed(result)
             return result
         except Exception as err:  # a bug or an odd OS error must not kill the syncer
-            result = PassResult(trigger, seconds=time.monotonic() - t0, error=f"{type(err).__name__}: {err}", error_kind=error_kind(err))
+            result = PassResult(trigger, seconds=time.monotonic() - t0, error=f"{type(err).__name__}: {err}")
             self._failed(result)
             return result
         result = PassResult(trigger, snapshot=snap, committed=not snap.unchanged, seconds=time.monotonic() - t0)
@@ -329,9 +337,10 @@ class Syncer:
         if self._failures:
             failed, since = self._failures, time.monotonic() - self._failing_since
             self._failures, self._failing_kind = 0, None
-            self._notice(
+            _call(
+                self.on_notice,
                 f"snapshots work again after {plural(failed, 'failed attempt')} in {format_duration(since)}: "
-                f"snapshot {snap.short_id} holds {plural(int(snap.stats.get('files', 0)), 'file')}"
+                f"snapshot {snap.short_id} holds {plural(int(snap.stats.get('files', 0)), 'file')}",
             )
         self._warn_skipped(snap)
         self._note_secrets(snap)
@@ -353,16 +362,12 @@ class Syncer:
         if not new:
             return
         self._skipped_warned.update(new)
-        if self.on_error is not None:
-            try:
-                fix = (
-                    "rename it (a backslash or NUL in a name does not restore everywhere) to keep it"
-                    if new[0].endswith(": name not portable")
-                    else "make it readable (permissions, the mount it is on) to keep it"
-                )
-                self.on_error(f"{plural(len(new), 'path')} could not be taken into the snapshots, e.g. {new[0]}; {fix}")
-            except Exception:
-                pass
+        fix = (
+            "rename it (a backslash or NUL in a name does not restore everywhere) to keep it"
+            if new[0].endswith(": name not portable")
+            else "make it readable (permissions, the mount it is on) to keep it"
+        )
+        _call(self.on_error, f"{plural(len(new), 'path')} could not be taken into the snapshots, e.g. {new[0]}; {fix}")
 
     def _note_secrets(self, snap: SnapshotInfo) -> None:
         """Say once a session that credential files were left out, as `liferaft snapshot` does."""
@@ -372,29 +377,20 @@ class Syncer:
         self._secrets_noted = True
         names = [str(p) for p in snap.stats.get("secrets_excluded_paths", [])[:3]]
         shown = f" ({', '.join(names)}{', ...' if n > len(names) else ''})" if names else ""
-        self._notice(
+        _call(
+            self.on_notice,
             f"note: {plural(n, 'credential file')} left out of the snapshots{shown}; "
-            "pass --include-secrets (attach(include_secrets=True)) to keep them"
+            "pass --include-secrets (attach(include_secrets=True)) to keep them",
         )
-
-    def _notice(self, text: str) -> None:
-        if self.on_notice is not None:
-            try:
-                self.on_notice(text)
-            except Exception:
-                pass
 
     def _failed(self, result: PassResult) -> None:
         self.history.append(result)
         self.last_error = result.error
-        kind = result.error_kind or error_kind(result.error or "")
+        kind = error_kind(result.error or "")  # one warning per kind of failure
         if not self._failures:
             self._failing_since = time.monotonic()
         self._failures += 1
         first = kind != self._failing_kind
         self._failing_kind = kind
-        if self.on_error is not None and first:  # loud once per kind of failure while it lasts, not every interval
-            try:
-                self.on_error(f"snapshot ({result.trigger}) failed: {result.error}")
-            except Exception:
-                pass
+        if first:  # loud once per kind of failure while it lasts, not every interval
+            _call(self.on_error, f"snapshot ({result.trigger}) failed: {result.error}")

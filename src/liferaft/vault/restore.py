@@ -129,17 +129,28 @@ def destinations(
     return out
 
 
+def dangling_link(path: Path) -> tuple[Path, str] | None:
+    """The link to something absent that ``path`` is or lies below (``checkpoints ->
+    /content/drive/...`` before Drive is mounted), with its target; None if there is none."""
+    while not os.path.exists(path):
+        if os.path.islink(path):
+            try:
+                return path, os.readlink(path)
+            except OSError:
+                return path, "?"
+        if path.parent == path:
+            return None
+        path = path.parent
+    return None
+
+
 def _refuse_dangling(path: Path) -> None:
-    """Refuse to restore through a link to something absent (``checkpoints ->
-    /content/drive/...`` before Drive is mounted): replacing the link, or a folder made in
+    """Refuse to restore through a dangling link: replacing the link, or a folder made in
     its place, would put the files where the user's own setup does not look."""
-    if os.path.islink(path) and not os.path.exists(path):
-        try:
-            target = os.readlink(path)
-        except OSError:
-            target = "?"
+    found = dangling_link(path)
+    if found is not None:
         raise RestoreRefused(
-            f"{path} is a link to {target}, which does not exist",
+            f"{found[0]} is a link to {found[1]}, which does not exist",
             "mount or create what it points to (e.g. Google Drive), remove the link, or restore with --to DIR",
         )
 
@@ -192,7 +203,7 @@ class _Tree:
             while not os.path.lexists(p):
                 missing.append(p)
                 p = p.parent
-            _refuse_dangling(p)
+            _refuse_dangling(root)
             os.makedirs(root, exist_ok=True)
             self.created.update(dict.fromkeys(reversed(missing)))
             self.created_names.update(str(p) for p in missing)
