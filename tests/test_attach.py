@@ -335,12 +335,15 @@ def test_a_sigterm_during_the_final_snapshot_waits_for_it(tmp_path: Path, local_
     assert "closed" not in out  # close() did not return into the script: the signal ended it
 
 
-@pytest.mark.parametrize("ending", ["SIGTERM", "exit"])
+@pytest.mark.parametrize("ending", ["SIGTERM", "exit", "close"])
 def test_a_hung_vault_delays_the_end_by_flush_timeout_at_most(tmp_path: Path, local_vault: str, ending: str) -> None:
+    # The snapshot hangs with its session lock written: the process ends anyway, and
+    # deletes that lock rather than leave it to hold off prune until it goes stale.
     script = (
         ATTACHED.replace('run="sub"', 'run="sub", flush_timeout=1')
         + "print('ready', flush=True)\n"
         + "while not os.path.exists('go'):\n    time.sleep(0.01)\n"
+        + ("print('closed', raft.close(), flush=True)\n" if ending == "close" else "")
     )
     proc = _python(script, tmp_path, local_vault, "state")
     fifo = None
@@ -352,7 +355,7 @@ def test_a_hung_vault_delays_the_end_by_flush_timeout_at_most(tmp_path: Path, lo
             proc.send_signal(signal.SIGTERM)
         else:
             (tmp_path / "go").touch()
-        _out, err = proc.communicate(timeout=20)
+        out, err = proc.communicate(timeout=20)
         took = time.monotonic() - t0
     finally:
         if proc.poll() is None:
@@ -361,10 +364,57 @@ def test_a_hung_vault_delays_the_end_by_flush_timeout_at_most(tmp_path: Path, lo
         if fifo is not None:
             fifo.unlink()
     assert proc.returncode == (-signal.SIGTERM if ending == "SIGTERM" else 0), err
-    assert took < 5, took
     assert f"the final snapshot ({ending}) did not finish within 1.0s" in err
-    assert "pass a larger flush_timeout= to attach()" in err
+    assert "a larger flush_timeout= to attach()" in err
+    if ending == "close":
+        # close() returned (None) after flush_timeout; the exit gave the snapshot as long again
+        assert "closed None" in out
+        assert "goes on in the background" in err and "did not finish by the end of the process" in err
+        assert took < 8, took
+    else:
+        assert took < 5, took
+    assert "session lock could not be removed" not in err
     assert _snaps(local_vault, "sub") == []
+    assert _locks(local_vault) == []
+
+
+def test_close_on_a_stalled_vault_returns_and_the_snapshot_commits_when_the_vault_answers(tmp_path: Path, local_vault: str) -> None:
+    script = (
+        ATTACHED.replace('run="sub"', 'run="sub", flush_timeout=1')
+        + "print('ready', flush=True)\n"
+        + "while not os.path.exists('go'):\n    time.sleep(0.01)\n"
+        + "print('closed', raft.close(), flush=True)\n"
+        + "t = time.monotonic()\n"
+        + "while raft.last_snapshot is None and time.monotonic() - t < 20:\n    time.sleep(0.01)\n"
+        + "print('committed', raft.last_snapshot.short_id, flush=True)\n"
+    )
+    proc = _python(script, tmp_path, local_vault, "state at close")
+    fifo = None
+    try:
+        _wait_ready(proc)
+        fifo = _hang_the_vault(local_vault)
+        t0 = time.monotonic()
+        (tmp_path / "go").touch()
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "closed None"
+        assert time.monotonic() - t0 < 5  # not held by the stalled vault
+        assert proc.poll() is None
+        _unhang(fifo, proc)  # the vault answers again: the snapshot left in flight goes on
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if fifo is not None and fifo.exists():
+            fifo.unlink()
+    assert proc.returncode == 0, err
+    assert "the final snapshot (close) did not finish within 1.0s; it goes on in the background" in err
+    snaps = _snaps(local_vault, "sub")
+    assert [s.tags.get("trigger") for s in snaps] == ["close"], err
+    assert f"committed {snaps[-1].short_id}" in out
+    assert _content(local_vault, snaps[-1].id, tmp_path, "ckpt/state") == "state at close"
+    assert "did not finish by the end of the process" not in err
+    assert _locks(local_vault) == []
 
 
 def test_ctrl_c_in_an_attached_script_takes_the_final_snapshot(tmp_path: Path, local_vault: str) -> None:

@@ -8,6 +8,7 @@ does not start a second syncer.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -30,6 +31,10 @@ if TYPE_CHECKING:
 
 _lock = threading.Lock()
 _current: Raft | None = None
+
+#: How long a process that ends with a snapshot in flight waits for the vault to delete
+#: that snapshot's session lock.
+GIVE_UP_WAIT = 5.0
 
 
 class Raft:
@@ -161,8 +166,14 @@ class Raft:
             raise LiferaftError(f"no snapshot taken: {result.skipped}", "call liferaft.attach(...) again")
         return result.snapshot
 
-    def close(self, *, final: bool = True) -> SnapshotInfo | None:
+    def close(self, *, final: bool = True, timeout: float | None = None) -> SnapshotInfo | None:
         """Take the final snapshot (unless ``final=False``) and stop syncing.
+
+        Waits at most ``timeout`` seconds (default: ``flush_timeout``; ``math.inf``: as
+        long as it takes), so that a stalled vault does not hang the notebook. A snapshot
+        still in flight then goes on in the background and commits if the vault answers
+        before the process ends (at exit it gets ``flush_timeout`` more); meanwhile the
+        vault keeps the previous one, and this returns None.
 
         >>> raft.close()   # doctest: +SKIP
         """
@@ -172,10 +183,18 @@ class Raft:
         with _lock:
             if _current is self:
                 _current = None
+        limit = self.flush_timeout if timeout is None else timeout
         # Our handler stays in until the snapshot is done: a SIGTERM meanwhile waits for it.
-        result = self._final("close" if final else None, timeout=None)
+        result = self._final("close" if final else None, timeout=None if math.isinf(limit) else limit)
         deferred = self._deferred
         self._release_signals()
+        if not self._syncer.stopped():
+            what = "the final snapshot (close)" if final else "the snapshot in flight"
+            self._warn(
+                f"{what} did not finish within {format_duration(limit)}; it goes on in the background and commits "
+                "if the vault answers before this process ends, and the vault keeps the previous one meanwhile: "
+                "pass close(timeout=...) or a larger flush_timeout= to attach() if the vault is slow"
+            )
         if deferred is not None:
             os.kill(os.getpid(), deferred)  # now to the handler that was there before us
         if result is None:
@@ -195,11 +214,12 @@ class Raft:
             self._finishing = False
 
     def _final_bounded(self, trigger: str) -> None:
+        """The final snapshot as the process ends, bounded by ``flush_timeout``."""
         result = self._final(trigger, timeout=self.flush_timeout)
         if result is None:
             self._warn(
                 f"the final snapshot ({trigger}) did not finish within {format_duration(self.flush_timeout)}; "
-                "the vault keeps the previous one: pass a larger flush_timeout= to attach() if the vault is slow"
+                f"the vault keeps the previous one: pass a larger flush_timeout= to attach() if the vault is slow{self._give_up()}"
             )
         elif result.error:
             self._warn(f"the final snapshot ({trigger}) failed: {result.error}; the vault keeps the previous one")
@@ -226,8 +246,40 @@ class Raft:
         else:
             handlers.previous.clear()
 
+    def _give_up(self) -> str:
+        """The process ends with a snapshot in flight: end its writer session, so that
+        its lock does not hold off prune until it goes stale. Waits on the vault for
+        ``GIVE_UP_WAIT`` at most; returns what to add to the warning when that failed."""
+        done = threading.Event()
+        failed: list[str] = []
+
+        def end() -> None:
+            try:
+                self._syncer.give_up()
+            except Exception as err:  # the vault does not answer: the lock goes stale
+                failed.append(str(err) or type(err).__name__)
+            finally:
+                done.set()
+
+        threading.Thread(target=end, name="liferaft-give-up", daemon=True).start()
+        if done.wait(GIVE_UP_WAIT) and not failed:
+            return ""
+        from ..vault.repository import STALE_AFTER
+
+        return (
+            f"; its session lock could not be removed ({failed[0] if failed else 'no answer'}): "
+            f"it expires within {format_duration(STALE_AFTER)}, or liferaft prune removes it"
+        )
+
     def _at_exit(self) -> None:
         if self.closed:
+            # close() stopped waiting for its snapshot: it gets flush_timeout more now,
+            # as the exit snapshot would have, and is given up after that.
+            if not self._syncer.stopped() and not self._syncer.stopped(self.flush_timeout):
+                self._warn(
+                    f"the snapshot that close() left in flight did not finish by the end of the process "
+                    f"(waited {format_duration(self.flush_timeout)} more); the vault keeps the previous one{self._give_up()}"
+                )
             return
         # A SIGTERM during this snapshot is not passed on: the process is ending anyway.
         self._final_bounded(self._exit_trigger)
@@ -300,7 +352,8 @@ def attach(
     quiet
         Print only warnings.
     flush_timeout
-        How long the final snapshot may take at exit or on SIGTERM.
+        How long the final snapshot may take at exit, on SIGTERM or in ``close()``
+        (a stalled vault then keeps the previous snapshot, with a warning).
     include_secrets
         Also keep credential files (``.netrc``, ``*.pem``, ``kaggle.json``, ``.env``,
         service-account keys), which are left out by default with a note.

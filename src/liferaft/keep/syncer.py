@@ -213,6 +213,7 @@ class Syncer:
         self._requests: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._final: _Request | None = None
 
     # ------------------------------------------------------------ control
 
@@ -246,12 +247,27 @@ class Syncer:
         if self._stopped:
             return None
         self._stopped = True
-        req = self.request(trigger or "", stop=True)
+        req = self._final = self.request(trigger or "", stop=True)
         if not req.done.wait(timeout):
             return None
         if self._thread is not None:
             self._thread.join(timeout=5)
         return req.result if trigger else None
+
+    def stopped(self, timeout: float | None = 0) -> bool:
+        """Whether the last pass, asked by ``stop``, is done (waiting up to ``timeout``)."""
+        req = self._final
+        return req is None or req.done.wait(timeout)
+
+    def give_up(self) -> None:
+        """End the writer session of the pass in flight, if any: it can no longer commit
+        and its lock is deleted (see ``WriteSession.end``). Waits on the vault: call it
+        where that is bounded."""
+        from ..vault.repository import sessions_of
+
+        if self._thread is not None:
+            for session in sessions_of(self._thread):
+                session.end()
 
     @property
     def committed(self) -> list[PassResult]:

@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -819,7 +820,13 @@ class WriteSession:
         self.lock_name = f"locks/session-{self.id}.json"
         self.started = time.time()
         self._convert = _wrap_backend_errors("writing a snapshot", self.backend.url)
+        self.thread = threading.get_ident()  # the thread that opened it (see sessions_of)
+        self.closed = False
+        self._expired = False
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
         self._write_lock()  # before reading the prune lock: see prune()
+        _OPEN.add(self)  # from here on end() can delete the lock, even while what follows hangs
         doomed = repo.doomed_packs()
         index = repo.index(reload=True)
         self.known: set[bytes] = {b for b, e in index.items() if e[0] not in doomed}
@@ -845,11 +852,8 @@ class WriteSession:
         self.added_bytes = 0
         self.added_blobs = 0
         self.stored_bytes = 0
-        self._expired = False
-        self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._refresh, name="liferaft-session", daemon=True)
         self._heartbeat.start()
-        self.closed = False
 
     # -- lock
 
@@ -858,6 +862,25 @@ class WriteSession:
             self.backend.put(self.lock_name, session_lock(self.started), overwrite=True)
         except BackendError as err:
             raise self._convert(err) from None
+
+    def end(self) -> None:
+        """End this session from another thread, while its snapshot may still be in
+        flight (hung on a stalled mount): it can no longer commit, and its lock is
+        deleted so that it does not hold off prune until it goes stale. What it uploaded
+        is unreferenced: prune removes it. Waits on the vault (call it where that is
+        bounded); raises BackendError when the lock cannot be deleted."""
+        self._expired = True  # before the delete: the heartbeat must not bring it back
+        self._stop.set()
+        for _ in range(2):  # twice: a heartbeat write in flight may land after the first delete
+            try:
+                self.backend.delete(self.lock_name)
+            except ObjectNotFound:
+                pass
+            beat = self._heartbeat
+            if beat is not None:
+                beat.join(timeout=SESSION_REFRESH)
+            if (beat is None or not beat.is_alive()) and not self.backend.exists(self.lock_name):
+                return
 
     def _refresh(self) -> None:
         while not self._stop.wait(SESSION_REFRESH):
@@ -1135,6 +1158,16 @@ class WriteSession:
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: object) -> None:
         self.close(err)
+
+
+#: Writer sessions open in this process (see ``sessions_of``).
+_OPEN: weakref.WeakSet[WriteSession] = weakref.WeakSet()
+
+
+def sessions_of(thread: threading.Thread) -> list[WriteSession]:
+    """The writer sessions ``thread`` opened that are not closed yet: a background
+    snapshot's, to end when it is given up (``WriteSession.end``)."""
+    return [s for s in list(_OPEN) if s.thread == thread.ident and not s.closed]
 
 
 def iter_referenced(repo: Repository, snaps: list[SnapshotInfo]) -> Iterator[tuple[SnapshotInfo, bytes]]:
