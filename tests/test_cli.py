@@ -616,3 +616,45 @@ def test_a_folder_without_config_json_says_what_it_holds(tmp_path: Path) -> None
         one_line_error(r, "holds a liferaft vault's data but no config.json", "restore config.json from a copy")
         assert r.returncode == 1
     assert not (vault / "config.json").exists()
+
+
+def test_restore_in_place_of_a_snapshot_from_another_machine_whose_folder_is_absent_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run restored on a fresh machine into another folder, unchanged since: its newest
+    # snapshot still names the first machine's path. Restoring "in place" there would
+    # make that machine's folders here, where nothing reads them.
+    vault = str(tmp_path / "vault")
+    first = make_tree(tmp_path / "colab" / "content" / "proj" / "ckpt", {"model.pt": os.urandom(3000)})
+    monkeypatch.setattr("liferaft.vault.snapshot.hostname", lambda: "colab-7f3a")
+    snap = liferaft.Vault(vault).snapshot([first], run="r")
+    monkeypatch.undo()
+    expected = tree_state(first)
+    shutil.rmtree(tmp_path / "colab")
+
+    here = tmp_path / "kaggle" / "working"
+    here.mkdir(parents=True)
+    r = cli("--vault", vault, "restore", "--run", "r", cwd=here)
+    one_line_error(r, f"snapshot {snap.short_id} was taken on colab-7f3a from {first}", f"{first.parent} does not exist", "--to .")
+    assert r.returncode == 2 and not (tmp_path / "colab").exists()
+    with pytest.raises(liferaft.errors.RestoreRefused, match=r"pass to=DIR"):
+        liferaft.Vault(vault).restore(run="r")
+
+    # where it says
+    r = cli("--vault", vault, "restore", "--run", "r", "--to", ".", cwd=here)
+    assert r.returncode == 0, r.stderr
+    assert tree_state(here / "ckpt") == expected
+
+    # the same layout on the other machine (both /content/proj): back in place, as ever
+    first.parent.mkdir(parents=True)
+    r = cli("--vault", vault, "restore", "--run", "r", cwd=here)
+    assert r.returncode == 0, r.stderr
+    assert tree_state(first) == expected
+
+    # this machine's own snapshot: a folder deleted since is made again
+    mine = make_tree(tmp_path / "mine" / "proj" / "ckpt", {"a": "1"})
+    liferaft.Vault(vault).snapshot([mine], run="m")
+    shutil.rmtree(tmp_path / "mine")
+    r = cli("--vault", vault, "restore", "--run", "m", cwd=here)
+    assert r.returncode == 0, r.stderr
+    assert (mine / "a").read_text() == "1"

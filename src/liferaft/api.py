@@ -211,7 +211,9 @@ class Vault:
 
         Each saved path goes back where it was, or to ``to/NAME``, or to
         ``targets[NAME]`` (NAME is the saved path's last component, see
-        ``SnapshotInfo.roots``); ``only`` restores just the named ones. Returns None when there is nothing to restore (a first
+        ``SnapshotInfo.roots``); ``only`` restores just the named ones. Back where it
+        was is refused (``RestoreRefused``) for a snapshot taken on another machine
+        whose folder does not exist on this one: pass ``to``. Returns None when there is nothing to restore (a first
         run). A snapshot that fails verification is reported and the one before it is used.
         Checkpoints committed by a ``Checkpointer`` (tag ``liferaft.kind=checkpoint``) are
         its own business: restore and forget by run skip them (restore one by id, or

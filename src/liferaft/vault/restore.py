@@ -125,8 +125,25 @@ def destinations(
         elif to is not None:
             out[name] = Path(os.path.abspath(to)) / name
         else:
-            out[name] = _check_source(root.get("source", ""))
+            out[name] = _in_place(snap, name, _check_source(root.get("source", "")))
     return out
+
+
+def _in_place(snap: SnapshotInfo, name: str, source: Path) -> Path:
+    """Where a saved path goes back to: where it came from, unless it came from another
+    machine whose layout this one lacks. A run restored on a fresh machine into another
+    folder, with no change since, has no newer snapshot to name the new place: its
+    snapshot still names the old machine's path, where a restore would make folders
+    that nothing here reads."""
+    from ..platform import hostname
+
+    if snap.host and snap.host != hostname() and not source.parent.is_dir():
+        raise RestoreRefused(
+            f"snapshot {snap.short_id} was taken on {snap.host} from {source}, and {source.parent} does not exist on this machine",
+            f"pass to=DIR (to='.' puts it in ./{name})",
+            cli_fix=f"restore with --to DIR (--to . puts it in ./{name})",
+        )
+    return source
 
 
 def dangling_link(path: Path) -> tuple[Path, str] | None:
