@@ -262,3 +262,62 @@ def test_rclone_remote_problems_are_one_clear_line(rclone_remote: Path, tmp_path
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], r.stderr
+
+
+def test_abandoning_runs_final_snapshot_stops_the_vaults_rclone_server(rclone_remote: Path, tmp_path: Path) -> None:
+    """An rclone:// vault runs its own ``rclone serve s3``. A third Ctrl-C abandons run's
+    final snapshot and ends the process without exit hooks: that server must stop too,
+    not outlive liferaft as an orphan holding the remote's credentials."""
+    import signal
+
+    import psutil
+
+    from test_run_support import STARTED, no_traceback, wait_for
+
+    work = tmp_path / "work"
+    work.mkdir()
+    log = tmp_path / "stderr.log"
+    # 6 MiB of checkpoint through rclone held to 1 MiB/s (RCLONE_BWLIMIT, an rclone flag
+    # set by environment): the final snapshot's upload lasts ~6 s
+    script = (
+        "import os, signal, time\nsignal.signal(signal.SIGINT, lambda *_: os._exit(130))\nos.makedirs('ckpt', exist_ok=True)\n"
+        "open('ckpt/big.bin', 'wb').write(os.urandom(6 << 20))\nopen('ready', 'w').close()\ntime.sleep(60)\n"
+    )
+    remote_vault = rclone_remote / "liferaft" / "vault"
+    url = "rclone://gdrive-standin/liferaft/vault"
+    argv = [sys.executable, "-m", "liferaft", "--vault", url, "run", "--keep", "ckpt", "--every", "1h", "--", sys.executable, "-c", script]
+    with open(log, "w") as err_file:
+        proc = subprocess.Popen(
+            argv,
+            cwd=work,
+            env={**os.environ, "RCLONE_BWLIMIT": "1M"},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err_file,
+            start_new_session=True,
+        )
+    STARTED.append(proc)
+    servers: list[psutil.Process] = []
+    try:
+        wait_for(lambda: (work / "ready").exists(), timeout=60, what="the command's checkpoint")
+        servers = [p for p in psutil.Process(proc.pid).children() if p.name().startswith("rclone")]
+        assert len(servers) == 1, [p.cmdline() for p in psutil.Process(proc.pid).children()]
+        proc.send_signal(signal.SIGINT)  # 1: passed on; the command stops, the final snapshot starts
+        wait_for(lambda: any((remote_vault / "locks").glob("session-*")), timeout=15, what="the final snapshot's session lock")
+        proc.send_signal(signal.SIGINT)  # 2: only says what is going on
+        wait_for(lambda: "Ctrl-C again to abandon it" in log.read_text(), timeout=5, what="the line about the final snapshot")
+        assert proc.poll() is None, log.read_text()
+        proc.send_signal(signal.SIGINT)  # 3: abandon it
+        rc = proc.wait(timeout=20)
+        err = log.read_text()
+        no_traceback(err)
+        assert rc == 128 + signal.SIGINT, err
+        assert "abandoned the final snapshot after" in err, err
+        wait_for(
+            lambda: not servers[0].is_running() or servers[0].status() == psutil.STATUS_ZOMBIE, timeout=10, what="rclone serve s3 to stop"
+        )
+        assert not list((remote_vault / "snapshots").glob("*.json")), "an abandoned snapshot was committed"
+    finally:
+        for p in servers:
+            if p.is_running():
+                p.kill()

@@ -407,6 +407,17 @@ def test_bad_durations_and_keeps(tmp_path: Path, local_vault: str) -> None:
     assert r.returncode == 2 and "no time to run" in _one_error_line(r.stderr)
     r = cli("--vault", str(work / "data" / "vault"), "run", "--keep", "data", "--", "true", cwd=work)
     assert r.returncode == 2 and "overlap" in _one_error_line(r.stderr)
+    # paths from liferaft.toml are named as such, with the file's own syntax (no --keep was given)
+    (work / "liferaft.toml").write_text('keep = ["a", "a/b"]\n')
+    r = cli("--vault", local_vault, "run", "--", "true", cwd=work)
+    line = _one_error_line(r.stderr)
+    assert r.returncode == 2 and "kept path 'a/b' (keep in liferaft.toml) is inside kept path 'a' (keep in liferaft.toml)" in line
+    assert "--keep" not in line
+    (work / "liferaft.toml").write_text('keep = [".."]\n')
+    r = cli("--vault", local_vault, "run", "--", "true", cwd=work)
+    line = _one_error_line(r.stderr)
+    assert r.returncode == 2 and "kept path '..' (keep in liferaft.toml) holds the working folder" in line
+    assert 'e.g. keep = ["checkpoints"]' in line and "--keep" not in line
 
 
 def test_time_limit_zero_is_refused_not_taken_for_no_cap(tmp_path: Path, local_vault: str) -> None:

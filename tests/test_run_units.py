@@ -96,6 +96,11 @@ def test_resolve_keeps(tmp_path: Path) -> None:
                      (["a", "./a"], "given twice"), (["a", "a/b"], "inside")]:  # fmt: skip
         with pytest.raises(LiferaftError, match=msg):
             resolve_keeps(bad, cwd=work)
+    # attach(keep=...) is told in its own words, not the command line's
+    with pytest.raises(LiferaftError) as info:
+        resolve_keeps(["."], cwd=work, given="keep=")
+    assert "kept path '.' holds the working folder" in str(info.value) and 'e.g. keep=["checkpoints"]' in str(info.value)
+    assert "--keep" not in str(info.value)
 
 
 def _snap(vault: liferaft.Vault, work: Path, *names: str) -> liferaft.api.SnapshotInfo:

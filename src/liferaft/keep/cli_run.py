@@ -78,6 +78,7 @@ def run_command(
     opts = RunOptions(
         command=list(command),
         keep=list(keep) or project_keeps(),
+        keep_given="--keep" if keep else "liferaft.toml",
         run=run_name,
         vault=vault_url or getattr(root, "vault_url", None),
         every=every_s,

@@ -37,16 +37,36 @@ class KeptPath:
     path: Path
     name: str
     inside_cwd: bool
+    given: str = "--keep"  # where it was named: "--keep", "keep=" (attach) or "liferaft.toml"
 
     def __str__(self) -> str:
         return self.arg
 
+    @property
+    def shown(self) -> str:
+        """The path as the user gave it, in the words of where they gave it."""
+        return _shown(self.arg, self.given)
 
-def resolve_keeps(keeps: Sequence[str | os.PathLike[str]], cwd: Path | None = None) -> list[KeptPath]:
+
+def _shown(arg: str, given: str) -> str:
+    if given == "--keep":
+        return f"--keep {arg}"
+    if given == "liferaft.toml":
+        return f"kept path {arg!r} (keep in liferaft.toml)"
+    return f"kept path {arg!r}"
+
+
+def _example(given: str) -> str:
+    return {"--keep": "--keep checkpoints", "liferaft.toml": 'keep = ["checkpoints"]'}.get(given, 'keep=["checkpoints"]')
+
+
+def resolve_keeps(keeps: Sequence[str | os.PathLike[str]], cwd: Path | None = None, *, given: str = "--keep") -> list[KeptPath]:
     """Check and resolve kept paths against the working folder.
 
     Refused: none at all, duplicates, one inside another, and a path that holds the
-    working folder itself (restoring it would write over the code that runs).
+    working folder itself (restoring it would write over the code that runs). ``given``
+    says where the paths were named, for the wording of a refusal: ``"--keep"``,
+    ``"keep="`` (attach) or ``"liferaft.toml"``.
 
     >>> [k.name for k in resolve_keeps(["checkpoints", "runs"])]
     ['checkpoints', 'runs']
@@ -65,23 +85,23 @@ def resolve_keeps(keeps: Sequence[str | os.PathLike[str]], cwd: Path | None = No
     for raw in keeps:
         arg = os.fspath(raw)
         if not arg or "\x00" in arg:
-            raise LiferaftError(f"bad kept path {arg!r}", "give a file or folder, e.g. --keep checkpoints")
+            raise LiferaftError(f"bad kept path {arg!r}", f"give a file or folder, e.g. {_example(given)}")
         path = Path(os.path.abspath(os.path.join(here, os.path.expanduser(arg))))
         if path == here or path in here.parents:
             raise LiferaftError(
-                f"--keep {arg} holds the working folder {here}: restoring it would write over the code that runs",
-                "keep the folders your script writes instead, e.g. --keep checkpoints",
+                f"{_shown(arg, given)} holds the working folder {here}: restoring it would write over the code that runs",
+                f"keep the folders your script writes instead, e.g. {_example(given)}",
             )
         if path in paths:
-            raise LiferaftError(f"--keep {arg} is given twice", "name each path once")
+            raise LiferaftError(f"{_shown(arg, given)} is given twice", "name each path once")
         for other, other_arg in zip(paths, args, strict=False):
             if other in path.parents or path in other.parents:
                 inner, outer = (arg, other_arg) if other in path.parents else (other_arg, arg)
-                raise LiferaftError(f"--keep {inner} is inside --keep {outer}", f"keep {outer} only")
+                raise LiferaftError(f"{_shown(inner, given)} is inside {_shown(outer, given)}", f"keep {outer} only")
         paths.append(path)
         args.append(arg)
     names = root_names(paths)
-    return [KeptPath(a, p, n, here == p or here in p.parents) for a, p, n in zip(args, paths, names, strict=False)]
+    return [KeptPath(a, p, n, here == p or here in p.parents, given) for a, p, n in zip(args, paths, names, strict=False)]
 
 
 def check_vault_outside(keeps: Sequence[KeptPath], vault: Vault) -> None:
@@ -91,7 +111,7 @@ def check_vault_outside(keeps: Sequence[KeptPath], vault: Vault) -> None:
         return
     for k in keeps:
         if k.path == root or k.path in root.parents or root in k.path.parents:
-            raise LiferaftError(f"--keep {k.arg} and the vault {root} overlap", "keep the vault outside the kept paths")
+            raise LiferaftError(f"{k.shown} and the vault {root} overlap", "keep the vault outside the kept paths")
 
 
 def check_run_name(run: str) -> str:

@@ -387,10 +387,12 @@ def attach(
                 stacklevel=2,
             )
         return running
+    given = "keep="
     if keep is None:
         from .keeper import keep_from_config
 
         keeps_in: list[str | os.PathLike[str]] = list(keep_from_config())
+        given = "liferaft.toml"
     elif isinstance(keep, (str, os.PathLike)):
         keeps_in = [keep]
     else:
@@ -398,7 +400,7 @@ def attach(
     every_s = parse_duration(every, "every")
     if not every_s:
         raise LiferaftError(f"every={every!r} must be more than 0 seconds", "e.g. every=60")
-    keeps = resolve_keeps(keeps_in)
+    keeps = resolve_keeps(keeps_in, given=given)
     the_vault = vault if isinstance(vault, Vault) else Vault(vault)
     check_vault_outside(keeps, the_vault)
     run_name = check_run_name(run or default_run_name())

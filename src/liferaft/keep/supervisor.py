@@ -187,6 +187,7 @@ class RunOptions:
 
     command: list[str]
     keep: list[str]
+    keep_given: str = "--keep"  # or "liferaft.toml": for the wording of a refusal
     run: str | None = None
     vault: str | None = None
     every: float = DEFAULT_EVERY
@@ -256,7 +257,7 @@ class Supervisor:
 
         opts = self.opts
         command = check_command(opts.command)
-        keeps = resolve_keeps(opts.keep)
+        keeps = resolve_keeps(opts.keep, given=opts.keep_given)
         run = opts.run or default_run_name()
         if opts.every <= 0:
             raise LiferaftError(f"--every {opts.every:g} must be more than 0 seconds", "e.g. --every 60")
