@@ -12,6 +12,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -335,7 +336,7 @@ def test_a_sigterm_during_the_final_snapshot_waits_for_it(tmp_path: Path, local_
     assert "closed" not in out  # close() did not return into the script: the signal ended it
 
 
-@pytest.mark.parametrize("ending", ["SIGTERM", "exit", "close"])
+@pytest.mark.parametrize("ending", ["SIGTERM", "exit", "close", "SIGTERM during close"])
 def test_a_hung_vault_delays_the_end_by_flush_timeout_at_most(tmp_path: Path, local_vault: str, ending: str) -> None:
     # The snapshot hangs with its session lock written: the process ends anyway, and
     # deletes that lock rather than leave it to hold off prune until it goes stale.
@@ -343,7 +344,7 @@ def test_a_hung_vault_delays_the_end_by_flush_timeout_at_most(tmp_path: Path, lo
         ATTACHED.replace('run="sub"', 'run="sub", flush_timeout=1')
         + "print('ready', flush=True)\n"
         + "while not os.path.exists('go'):\n    time.sleep(0.01)\n"
-        + ("print('closed', raft.close(), flush=True)\n" if ending == "close" else "")
+        + ("print('closed', raft.close(), flush=True)\n" if "close" in ending else "")
     )
     proc = _python(script, tmp_path, local_vault, "state")
     fifo = None
@@ -355,6 +356,9 @@ def test_a_hung_vault_delays_the_end_by_flush_timeout_at_most(tmp_path: Path, lo
             proc.send_signal(signal.SIGTERM)
         else:
             (tmp_path / "go").touch()
+        if ending == "SIGTERM during close":
+            time.sleep(0.4)  # close() is waiting on the hung snapshot: the signal is held
+            proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=20)
         took = time.monotonic() - t0
     finally:
@@ -363,10 +367,14 @@ def test_a_hung_vault_delays_the_end_by_flush_timeout_at_most(tmp_path: Path, lo
             proc.wait()
         if fifo is not None:
             fifo.unlink()
-    assert proc.returncode == (-signal.SIGTERM if ending == "SIGTERM" else 0), err
-    assert f"the final snapshot ({ending}) did not finish within 1.0s" in err
+    assert proc.returncode == (-signal.SIGTERM if "SIGTERM" in ending else 0), err
+    assert f"the final snapshot ({ending.split()[-1]}) did not finish within 1.0s" in err
     assert "a larger flush_timeout= to attach()" in err
-    if ending == "close":
+    if ending == "SIGTERM during close":
+        # the held signal ends the process once close() stops waiting: no exit hook runs
+        assert "closed" not in out and "goes on in the background" not in err
+        assert took < 5, took
+    elif ending == "close":
         # close() returned (None) after flush_timeout; the exit gave the snapshot as long again
         assert "closed None" in out
         assert "goes on in the background" in err and "did not finish by the end of the process" in err
@@ -376,6 +384,118 @@ def test_a_hung_vault_delays_the_end_by_flush_timeout_at_most(tmp_path: Path, lo
     assert "session lock could not be removed" not in err
     assert _snaps(local_vault, "sub") == []
     assert _locks(local_vault) == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("moto") is None or importlib.util.find_spec("s3fs") is None, reason="needs moto and s3fs")
+def test_the_exit_does_not_wait_for_a_pack_upload_to_a_crawling_store(tmp_path: Path, moto_server: Any) -> None:
+    # The final snapshot's 12 MiB pack goes up at 64 KiB per 50 ms (~10 s): the exit
+    # gives it flush_timeout, gives it up (its session lock deleted), and leaves without
+    # waiting for the upload threads, which used to hold the interpreter's exit.
+    from servers import Fault, FaultProxy
+
+    url = moto_server.vault_url()
+    raw = moto_server.raw_fs()
+    prefix = url.removeprefix("s3://")
+    script = (
+        ATTACHED.replace('run="sub"', 'run="sub", flush_timeout=1')
+        + "open('ckpt/big.bin', 'wb').write(os.urandom(12 << 20))\n"
+        + "print('ready', flush=True)\n"
+        + "while not os.path.exists('go'):\n    time.sleep(0.01)\n"
+    )
+    with FaultProxy(moto_server.port, lambda _i: Fault("slow", 0, 0.05), lifetime=120) as proxy:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(script), url, "state"],
+            cwd=tmp_path,
+            env={**os.environ, **moto_server.env(proxy.endpoint)},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            _wait_ready(proc)
+            t0 = time.monotonic()
+            (tmp_path / "go").touch()
+            _out, err = proc.communicate(timeout=60)
+            took = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, err
+    assert "the final snapshot (exit) did not finish within 1.0s" in err
+    assert "session lock could not be removed" not in err and "Traceback" not in err, err
+    assert took < 7, f"the exit took {took:.1f}s: it waited for the upload\n{err}"
+
+    def listed(folder: str) -> list[str]:
+        try:
+            return list(raw.ls(f"{prefix}/{folder}", refresh=True))
+        except FileNotFoundError:  # no object under it: S3 has no folders
+            return []
+
+    assert [p for p in listed("locks") if "session-" in p] == []
+    assert listed("snapshots") == []
+
+
+def test_attach_again_after_close_gave_up_waiting_takes_over_the_run(tmp_path: Path, local_vault: str) -> None:
+    # close() left its snapshot in flight (a stalled vault); the cell is run again. Were
+    # that snapshot to commit once the vault answers, the old files would land on top of
+    # the new raft's: the new attach gives it up first.
+    script = (
+        ATTACHED.replace('run="sub"', 'run="sub", flush_timeout=1')
+        + "print('ready', flush=True)\n"
+        + "while not os.path.exists('go'):\n    time.sleep(0.01)\n"
+        + "print('closed', raft.close(), flush=True)\n"
+        + "with open('ckpt/state', 'w') as f:\n    f.write('newer')\n"
+        + "raft2 = liferaft.attach(keep=['ckpt'], every=60, vault=sys.argv[1], run='sub', flush_timeout=30)\n"
+        + "print('closed again', raft2.close().short_id, flush=True)\n"
+    )
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as err_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(script), local_vault, "older"],
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err_file,
+            text=True,
+        )
+    fifo = None
+    try:
+        _wait_ready(proc)
+        fifo = _hang_the_vault(local_vault)
+        (tmp_path / "go").touch()
+        wait_for(lambda: "the new attach takes over" in log.read_text(), timeout=15, what="the take-over warning")
+        time.sleep(0.5)  # the new attach's restore reaches the hung vault too
+        _unhang(fifo, proc)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if fifo is not None and fifo.exists():
+            fifo.unlink()
+    err = log.read_text()
+    assert proc.returncode == 0, err
+    assert "the final snapshot of run 'sub' that close() left in flight is given up" in err
+    snaps = _snaps(local_vault, "sub")
+    assert len(snaps) == 1 and f"closed again {snaps[0].short_id}" in out, (out, err)
+    assert _content(local_vault, snaps[0].id, tmp_path, "ckpt/state") == "newer"
+    assert _locks(local_vault) == []
+
+
+def test_an_unbounded_flush_timeout_is_waited_out_not_an_error(tmp_path: Path, local_vault: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    proc = _python(ATTACHED.replace('run="sub"', 'run="sub", flush_timeout=float("inf")'), tmp_path, local_vault, "at exit")
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Exception" not in err and "Traceback" not in err, err
+    snaps = _snaps(local_vault, "sub")
+    assert [s.tags.get("trigger") for s in snaps] == ["exit"], err
+    monkeypatch.chdir(tmp_path)
+    raft = liferaft.attach(keep=["ckpt"], every=60, vault=local_vault, run="sub", quiet=True)
+    try:
+        assert raft.resumed
+    finally:
+        assert raft.close(timeout=1e12) is not None  # past what a timer takes: no limit, no OverflowError
 
 
 def test_close_on_a_stalled_vault_returns_and_the_snapshot_commits_when_the_vault_answers(tmp_path: Path, local_vault: str) -> None:

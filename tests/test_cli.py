@@ -635,7 +635,11 @@ def test_restore_in_place_of_a_snapshot_from_another_machine_whose_folder_is_abs
     here = tmp_path / "kaggle" / "working"
     here.mkdir(parents=True)
     r = cli("--vault", vault, "restore", "--run", "r", cwd=here)
-    one_line_error(r, f"snapshot {snap.short_id} was taken on colab-7f3a from {first}", f"{first.parent} does not exist", "--to .")
+    one_line_error(
+        r,
+        f"snapshot {snap.short_id} was taken on colab-7f3a from {first}, and {tmp_path / 'colab'} does not exist on this machine",
+        "restore with --to DIR (DIR/ckpt)",
+    )
     assert r.returncode == 2 and not (tmp_path / "colab").exists()
     with pytest.raises(liferaft.errors.RestoreRefused, match=r"pass to=DIR"):
         liferaft.Vault(vault).restore(run="r")
@@ -644,6 +648,17 @@ def test_restore_in_place_of_a_snapshot_from_another_machine_whose_folder_is_abs
     r = cli("--vault", vault, "restore", "--run", "r", "--to", ".", cwd=here)
     assert r.returncode == 0, r.stderr
     assert tree_state(here / "ckpt") == expected
+
+    # the project is there, one folder of it not made yet (outputs/ on a new Colab VM,
+    # another host name): back in place, the folder made
+    nested = make_tree(tmp_path / "c1" / "proj" / "outputs" / "ckpt", {"w": "3"})
+    monkeypatch.setattr("liferaft.vault.snapshot.hostname", lambda: "colab-91bc")
+    liferaft.Vault(vault).snapshot([nested], run="n")
+    monkeypatch.undo()
+    shutil.rmtree(nested.parent)
+    r = cli("--vault", vault, "restore", "--run", "n", cwd=here)
+    assert r.returncode == 0, r.stderr
+    assert (nested / "w").read_text() == "3"
 
     # the same layout on the other machine (both /content/proj): back in place, as ever
     first.parent.mkdir(parents=True)

@@ -74,6 +74,11 @@ def resolve_keeps(keeps: Sequence[str | os.PathLike[str]], cwd: Path | None = No
     from ..vault.snapshot import root_names
 
     here = Path(os.path.abspath(cwd or os.getcwd()))
+    where = "liferaft.toml: " if given == "liferaft.toml" else ""  # said once, before the paths
+
+    def named(arg: str) -> str:
+        return _shown(arg, "keep=" if where else given)
+
     if not keeps:
         raise LiferaftError(
             "nothing to keep",
@@ -85,19 +90,19 @@ def resolve_keeps(keeps: Sequence[str | os.PathLike[str]], cwd: Path | None = No
     for raw in keeps:
         arg = os.fspath(raw)
         if not arg or "\x00" in arg:
-            raise LiferaftError(f"bad kept path {arg!r}", f"give a file or folder, e.g. {_example(given)}")
+            raise LiferaftError(f"{where}bad kept path {arg!r}", f"give a file or folder, e.g. {_example(given)}")
         path = Path(os.path.abspath(os.path.join(here, os.path.expanduser(arg))))
         if path == here or path in here.parents:
             raise LiferaftError(
-                f"{_shown(arg, given)} holds the working folder {here}: restoring it would write over the code that runs",
+                f"{where}{named(arg)} holds the working folder {here}: restoring it would write over the code that runs",
                 f"keep the folders your script writes instead, e.g. {_example(given)}",
             )
         if path in paths:
-            raise LiferaftError(f"{_shown(arg, given)} is given twice", "name each path once")
+            raise LiferaftError(f"{where}{named(arg)} is given twice", "name each path once")
         for other, other_arg in zip(paths, args, strict=False):
             if other in path.parents or path in other.parents:
                 inner, outer = (arg, other_arg) if other in path.parents else (other_arg, arg)
-                raise LiferaftError(f"{_shown(inner, given)} is inside {_shown(outer, given)}", f"keep {outer} only")
+                raise LiferaftError(f"{where}{named(inner)} is inside {named(outer)}", f"keep {outer} only")
         paths.append(path)
         args.append(arg)
     names = root_names(paths)

@@ -32,9 +32,17 @@ if TYPE_CHECKING:
 _lock = threading.Lock()
 _current: Raft | None = None
 
+_in_flight: Raft | None = None  # a closed raft whose final snapshot close() stopped waiting for
+
 #: How long a process that ends with a snapshot in flight waits for the vault to delete
 #: that snapshot's session lock.
 GIVE_UP_WAIT = 5.0
+
+
+def _wait_limit(seconds: float) -> float | None:
+    """A wait of ``seconds`` for ``Event.wait``: None (no limit) for one too long to wait
+    (``math.inf``, or past what the platform's timers take)."""
+    return None if not math.isfinite(seconds) or seconds >= threading.TIMEOUT_MAX else max(0.0, seconds)
 
 
 class Raft:
@@ -177,7 +185,7 @@ class Raft:
 
         >>> raft.close()   # doctest: +SKIP
         """
-        global _current
+        global _current, _in_flight
         if self.closed:
             return None
         with _lock:
@@ -185,16 +193,24 @@ class Raft:
                 _current = None
         limit = self.flush_timeout if timeout is None else timeout
         # Our handler stays in until the snapshot is done: a SIGTERM meanwhile waits for it.
-        result = self._final("close" if final else None, timeout=None if math.isinf(limit) else limit)
+        result = self._final("close" if final else None, timeout=_wait_limit(limit))
         deferred = self._deferred
         self._release_signals()
         if not self._syncer.stopped():
             what = "the final snapshot (close)" if final else "the snapshot in flight"
-            self._warn(
-                f"{what} did not finish within {format_duration(limit)}; it goes on in the background and commits "
-                "if the vault answers before this process ends, and the vault keeps the previous one meanwhile: "
-                "pass close(timeout=...) or a larger flush_timeout= to attach() if the vault is slow"
-            )
+            advice = "pass close(timeout=...) or a larger flush_timeout= to attach() if the vault is slow"
+            if deferred is not None:
+                # The SIGTERM held meanwhile is acted on now, and may end the process at once.
+                self._warn(
+                    f"{what} did not finish within {format_duration(limit)}; the vault keeps the previous one: {advice}{self._give_up()}"
+                )
+            else:
+                self._warn(
+                    f"{what} did not finish within {format_duration(limit)}; it goes on in the background and commits "
+                    f"if the vault answers before this process ends, and the vault keeps the previous one meanwhile: {advice}"
+                )
+                with _lock:
+                    _in_flight = self
         if deferred is not None:
             os.kill(os.getpid(), deferred)  # now to the handler that was there before us
         if result is None:
@@ -215,7 +231,7 @@ class Raft:
 
     def _final_bounded(self, trigger: str) -> None:
         """The final snapshot as the process ends, bounded by ``flush_timeout``."""
-        result = self._final(trigger, timeout=self.flush_timeout)
+        result = self._final(trigger, timeout=_wait_limit(self.flush_timeout))
         if result is None:
             self._warn(
                 f"the final snapshot ({trigger}) did not finish within {format_duration(self.flush_timeout)}; "
@@ -227,7 +243,7 @@ class Raft:
     def _snapshot_before_handler(self) -> None:
         self._finishing = True  # a second SIGTERM meanwhile is the same request: held, then dropped
         try:
-            result = self._syncer.sync("SIGTERM", timeout=self.flush_timeout)
+            result = self._syncer.sync("SIGTERM", timeout=_wait_limit(self.flush_timeout))
         finally:
             self._finishing = False
             self._deferred = None
@@ -275,7 +291,7 @@ class Raft:
         if self.closed:
             # close() stopped waiting for its snapshot: it gets flush_timeout more now,
             # as the exit snapshot would have, and is given up after that.
-            if not self._syncer.stopped() and not self._syncer.stopped(self.flush_timeout):
+            if not self._syncer.stopped() and not self._syncer.stopped(_wait_limit(self.flush_timeout)):
                 self._warn(
                     f"the snapshot that close() left in flight did not finish by the end of the process "
                     f"(waited {format_duration(self.flush_timeout)} more); the vault keeps the previous one{self._give_up()}"
@@ -404,6 +420,7 @@ def attach(
     the_vault = vault if isinstance(vault, Vault) else Vault(vault)
     check_vault_outside(keeps, the_vault)
     run_name = check_run_name(run or default_run_name())
+    _take_over(the_vault, run_name)
     raft = Raft(the_vault, run_name, keeps, every_s, quiet=quiet, flush_timeout=flush_timeout, include_secrets=include_secrets)
     with _lock:
         if _current is not None and not _current.closed:  # another thread won the race
@@ -411,6 +428,20 @@ def attach(
         raft._start(force=force)
         _current = raft
     return raft
+
+
+def _take_over(vault: Vault, run: str) -> None:
+    """Before a new raft of the run a closed one was keeping: give up that raft's final
+    snapshot if close() left it in flight (a stalled vault). Were the vault to answer
+    later, it would commit the older files over the new raft's snapshots."""
+    global _in_flight
+    with _lock:
+        old = _in_flight
+        if old is None or old.run != run or old.vault.url != vault.url:
+            return
+        _in_flight = None
+    if not old._syncer.stopped():
+        old._warn(f"the final snapshot of run {run!r} that close() left in flight is given up: the new attach takes over{old._give_up()}")
 
 
 def current() -> Raft | None:

@@ -598,6 +598,58 @@ def session_lock(started: float) -> bytes:
     return json.dumps(doc).encode()
 
 
+class _DaemonPool:
+    """A pool of daemon worker threads: a snapshot's uploads and fsyncs.
+
+    ThreadPoolExecutor's workers are waited for when the interpreter exits, so one hung
+    on a stalled vault (a frozen mount, a store that stopped answering) would hang the
+    process's exit, after liferaft gave the snapshot up (``WriteSession.end``). These
+    are not: whatever they were writing is garbage for prune. A worker starts with each
+    task submitted, up to ``workers``.
+    """
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._max = workers
+        self._name = name
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., _T], *args: Any) -> Future[_T]:
+        fut: Future[_T] = Future()
+        self._queue.put((fut, fn, args))
+        with self._lock:
+            if len(self._threads) < self._max:
+                t = threading.Thread(target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=True)
+                self._threads.append(t)
+                t.start()
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fut, fn, args = item
+            if fut.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args)
+                except BaseException as err:
+                    fut.set_exception(err)
+                else:
+                    fut.set_result(result)
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Let the workers end once the work queued is done (``wait``: wait for that)."""
+        with self._lock:
+            threads = list(self._threads)
+        for _ in threads:
+            self._queue.put(None)
+        if wait:
+            for t in threads:
+                t.join()
+
+
 def parallel_map(fn: Callable[[_A], _T], items: Sequence[_A], workers: int, name: str = "liferaft") -> list[_T]:
     """``fn`` of each item, results in order: in this thread for one item or one worker,
     else in up to ``workers`` threads. The first failure cancels the calls not yet
@@ -823,6 +875,7 @@ class WriteSession:
         self.thread = threading.get_ident()  # the thread that opened it (see sessions_of)
         self.closed = False
         self._expired = False
+        self._ended: str | None = None  # why end() ended it
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._write_lock()  # before reading the prune lock: see prune()
@@ -843,8 +896,8 @@ class WriteSession:
         self._cur: _PackBuffer | None = None
         self._entries: list[fmt.PackEntry] = []
         self._packs: dict[str, tuple[int, list[fmt.PackEntry]]] = {}
-        self._pool = ThreadPoolExecutor(upload_workers, thread_name_prefix="liferaft-upload")
-        self._sync_pool = ThreadPoolExecutor(upload_workers, thread_name_prefix="liferaft-sync")
+        self._pool = _DaemonPool(upload_workers, "liferaft-upload")
+        self._sync_pool = _DaemonPool(upload_workers, "liferaft-sync")
         self._sync_futures: list[Future[None]] = []
         self._syncs_pending = threading.BoundedSemaphore(_SYNCS_PENDING)
         self._futures: list[Future[None]] = []
@@ -863,12 +916,13 @@ class WriteSession:
         except BackendError as err:
             raise self._convert(err) from None
 
-    def end(self) -> None:
+    def end(self, reason: str = "given up") -> None:
         """End this session from another thread, while its snapshot may still be in
         flight (hung on a stalled mount): it can no longer commit, and its lock is
         deleted so that it does not hold off prune until it goes stale. What it uploaded
         is unreferenced: prune removes it. Waits on the vault (call it where that is
         bounded); raises BackendError when the lock cannot be deleted."""
+        self._ended = reason
         self._expired = True  # before the delete: the heartbeat must not bring it back
         self._stop.set()
         for _ in range(2):  # twice: a heartbeat write in flight may land after the first delete
@@ -972,12 +1026,22 @@ class WriteSession:
             make = self._free.empty() and self._buffers < self._max_buffers
             if make:
                 self._buffers += 1
-        buf = _PackBuffer(self._capacity) if make else self._free.get()
+        buf = _PackBuffer(self._capacity) if make else self._wait_for_buffer()
         if self._error is not None:
             self._free.put(buf)  # back for whoever else waits, then the error
             self._check()
         buf.n = 0
         return buf
+
+    def _wait_for_buffer(self) -> _PackBuffer:
+        """The next buffer an upload frees; a session ended meanwhile (``end``: its
+        uploads hang on a stalled vault) fails the reader instead of leaving it waiting."""
+        while True:
+            try:
+                return self._free.get(timeout=0.5)
+            except queue.Empty:
+                if self._ended is not None:
+                    raise LockedError(f"this writer's session was {self._ended}", "take the snapshot again") from None
 
     def _send(self, buf: _PackBuffer, entries: list[fmt.PackEntry]) -> None:
         """Seal a pack (header and trailer after its blobs) and start its upload; a buffer
@@ -1087,6 +1151,8 @@ class WriteSession:
     def commit(self, manifest: dict[str, Any]) -> str:
         """Flush, check our session is still registered, then write the manifest."""
         self.flush()
+        if self._ended is not None:
+            raise LockedError(f"this writer's session was {self._ended} before the commit", "take the snapshot again")
         if self._expired or not self.backend.exists(self.lock_name):
             raise LockedError(
                 "this writer's session expired (a prune took it for dead) before the commit",

@@ -134,16 +134,38 @@ def _in_place(snap: SnapshotInfo, name: str, source: Path) -> Path:
     machine whose layout this one lacks. A run restored on a fresh machine into another
     folder, with no change since, has no newer snapshot to name the new place: its
     snapshot still names the old machine's path, where a restore would make folders
-    that nothing here reads."""
+    that nothing here reads.
+
+    The layout is missing when two or more folders above the saved path are
+    (``/home/alice/proj`` on another machine), or one of the path's top two folders
+    is (``/content`` off Colab, ``/kaggle/working`` off Kaggle). One missing folder
+    below those is made, as on the machine itself: a new Colab VM (another host
+    name) with the project cloned again but its ``outputs/`` not made yet restores
+    ``/content/proj/outputs/ckpt`` in place.
+    """
     from ..platform import hostname
 
-    if snap.host and snap.host != hostname() and not source.parent.is_dir():
-        raise RestoreRefused(
-            f"snapshot {snap.short_id} was taken on {snap.host} from {source}, and {source.parent} does not exist on this machine",
-            f"pass to=DIR (to='.' puts it in ./{name})",
-            cli_fix=f"restore with --to DIR (--to . puts it in ./{name})",
-        )
-    return source
+    if not snap.host or snap.host == hostname():
+        return source
+    missing = []
+    folder = source.parent
+    while folder != folder.parent and not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    top = Path(*source.parts[:3]) if len(source.parts) > 3 else source.parent
+    if not missing or (len(missing) == 1 and top.is_dir()):
+        return source
+    gone = missing[-1]
+    drive = Path("/content/drive")
+    if gone == drive or drive in gone.parents or gone in drive.parents:
+        first = "mount Google Drive at /content/drive first"
+    else:
+        first = f"make {gone} (clone the project there) to restore in place"
+    raise RestoreRefused(
+        f"snapshot {snap.short_id} was taken on {snap.host} from {source}, and {gone} does not exist on this machine",
+        f"{first}, or pass to=DIR (DIR/{name})",
+        cli_fix=f"{first}, or restore with --to DIR (DIR/{name})",
+    )
 
 
 def dangling_link(path: Path) -> tuple[Path, str] | None:
