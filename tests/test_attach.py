@@ -145,6 +145,14 @@ with open("ckpt/state", "w") as f:
 """
 
 
+# Attached with flush_timeout=1, then says 'ready' and waits for a file named go.
+UNTIL_GO = (
+    ATTACHED.replace('run="sub"', 'run="sub", flush_timeout=1')
+    + "print('ready', flush=True)\n"
+    + "while not os.path.exists('go'):\n    time.sleep(0.01)\n"
+)
+
+
 def _wait_ready(proc: subprocess.Popen[str]) -> None:
     assert proc.stdout is not None
     while "ready" not in (line := proc.stdout.readline()):
@@ -340,12 +348,7 @@ def test_a_sigterm_during_the_final_snapshot_waits_for_it(tmp_path: Path, local_
 def test_a_hung_vault_delays_the_end_by_flush_timeout_at_most(tmp_path: Path, local_vault: str, ending: str) -> None:
     # The snapshot hangs with its session lock written: the process ends anyway, and
     # deletes that lock rather than leave it to hold off prune until it goes stale.
-    script = (
-        ATTACHED.replace('run="sub"', 'run="sub", flush_timeout=1')
-        + "print('ready', flush=True)\n"
-        + "while not os.path.exists('go'):\n    time.sleep(0.01)\n"
-        + ("print('closed', raft.close(), flush=True)\n" if "close" in ending else "")
-    )
+    script = UNTIL_GO + ("print('closed', raft.close(), flush=True)\n" if "close" in ending else "")
     proc = _python(script, tmp_path, local_vault, "state")
     fifo = None
     try:
@@ -442,9 +445,7 @@ def test_attach_again_after_close_gave_up_waiting_takes_over_the_run(tmp_path: P
     # that snapshot to commit once the vault answers, the old files would land on top of
     # the new raft's: the new attach gives it up first.
     script = (
-        ATTACHED.replace('run="sub"', 'run="sub", flush_timeout=1')
-        + "print('ready', flush=True)\n"
-        + "while not os.path.exists('go'):\n    time.sleep(0.01)\n"
+        UNTIL_GO
         + "print('closed', raft.close(), flush=True)\n"
         + "with open('ckpt/state', 'w') as f:\n    f.write('newer')\n"
         + "raft2 = liferaft.attach(keep=['ckpt'], every=60, vault=sys.argv[1], run='sub', flush_timeout=30)\n"
@@ -500,9 +501,7 @@ def test_an_unbounded_flush_timeout_is_waited_out_not_an_error(tmp_path: Path, l
 
 def test_close_on_a_stalled_vault_returns_and_the_snapshot_commits_when_the_vault_answers(tmp_path: Path, local_vault: str) -> None:
     script = (
-        ATTACHED.replace('run="sub"', 'run="sub", flush_timeout=1')
-        + "print('ready', flush=True)\n"
-        + "while not os.path.exists('go'):\n    time.sleep(0.01)\n"
+        UNTIL_GO
         + "print('closed', raft.close(), flush=True)\n"
         + "t = time.monotonic()\n"
         + "while raft.last_snapshot is None and time.monotonic() - t < 20:\n    time.sleep(0.01)\n"

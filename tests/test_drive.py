@@ -272,17 +272,14 @@ def test_abandoning_runs_final_snapshot_stops_the_vaults_rclone_server(rclone_re
 
     import psutil
 
-    from test_run_support import STARTED, no_traceback, wait_for
+    from test_run_support import CHECKPOINT_6MIB_THEN_WAIT, STARTED, no_traceback, wait_for
 
     work = tmp_path / "work"
     work.mkdir()
     log = tmp_path / "stderr.log"
     # 6 MiB of checkpoint through rclone held to 1 MiB/s (RCLONE_BWLIMIT, an rclone flag
     # set by environment): the final snapshot's upload lasts ~6 s
-    script = (
-        "import os, signal, time\nsignal.signal(signal.SIGINT, lambda *_: os._exit(130))\nos.makedirs('ckpt', exist_ok=True)\n"
-        "open('ckpt/big.bin', 'wb').write(os.urandom(6 << 20))\nopen('ready', 'w').close()\ntime.sleep(60)\n"
-    )
+    script = CHECKPOINT_6MIB_THEN_WAIT
     remote_vault = rclone_remote / "liferaft" / "vault"
     url = "rclone://gdrive-standin/liferaft/vault"
     argv = [sys.executable, "-m", "liferaft", "--vault", url, "run", "--keep", "ckpt", "--every", "1h", "--", sys.executable, "-c", script]

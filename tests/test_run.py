@@ -20,7 +20,19 @@ import liferaft
 from conftest import cli
 from liferaft.api import SnapshotInfo
 from liferaft.errors import NotAVault, VaultNotFound
-from test_run_support import STARTED, Terminal, finish, kill_leftovers, no_traceback, progress, setup_work, start_run, starts, wait_for
+from test_run_support import (
+    CHECKPOINT_6MIB_THEN_WAIT,
+    STARTED,
+    Terminal,
+    finish,
+    kill_leftovers,
+    no_traceback,
+    progress,
+    setup_work,
+    start_run,
+    starts,
+    wait_for,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -665,10 +677,7 @@ def test_ctrl_c_during_the_final_snapshot_says_what_it_does_and_a_third_abandons
     work.mkdir()
     log = tmp_path / "stderr.log"
     # 6 MiB of checkpoint through a slow uplink (50 ms per 64 KiB): its upload lasts ~5 s
-    script = (
-        "import os, signal, time\nsignal.signal(signal.SIGINT, lambda *_: os._exit(130))\nos.makedirs('ckpt', exist_ok=True)\n"
-        "open('ckpt/big.bin', 'wb').write(os.urandom(6 << 20))\nopen('ready', 'w').close()\ntime.sleep(60)\n"
-    )
+    script = CHECKPOINT_6MIB_THEN_WAIT
     raw = moto_server.raw_fs()
     prefix = url.removeprefix("s3://")
     with FaultProxy(moto_server.port, lambda _i: Fault("slow", 0, 0.05), lifetime=120) as proxy, open(log, "w") as err_file:

@@ -77,6 +77,13 @@ sys.exit(int(SIG_EXIT) if stop else 0)
 
 STARTED: list[subprocess.Popen[Any]] = []
 
+#: A command for `liferaft run --keep ckpt`: writes a 6 MiB checkpoint, then the file
+#: ``ready``, then waits; its own Ctrl-C ends it at once (exit 130).
+CHECKPOINT_6MIB_THEN_WAIT = (
+    "import os, signal, time\nsignal.signal(signal.SIGINT, lambda *_: os._exit(130))\nos.makedirs('ckpt', exist_ok=True)\n"
+    "open('ckpt/big.bin', 'wb').write(os.urandom(6 << 20))\nopen('ready', 'w').close()\ntime.sleep(60)\n"
+)
+
 
 def setup_work(root: Path, name: str = "work") -> Path:
     work = root / name
