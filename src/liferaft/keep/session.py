@@ -75,6 +75,7 @@ class Raft:
         self._finishing = False  # the final snapshot is being taken
         self._deferred: int | None = None  # a SIGTERM that came meanwhile
         self._exit_trigger = "exit"  # "SIGTERM" once one has ended the script
+        self._given_up = False  # a new attach gave up the snapshot close() left in flight
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"syncing every {format_duration(self.every)}"
@@ -291,6 +292,8 @@ class Raft:
         if self.closed:
             # close() stopped waiting for its snapshot: it gets flush_timeout more now,
             # as the exit snapshot would have, and is given up after that.
+            if self._given_up:
+                return
             if not self._syncer.stopped() and not self._syncer.stopped(_wait_limit(self.flush_timeout)):
                 self._warn(
                     f"the snapshot that close() left in flight did not finish by the end of the process "
@@ -441,6 +444,7 @@ def _take_over(vault: Vault, run: str) -> None:
             return
         _in_flight = None
     if not old._syncer.stopped():
+        old._given_up = True  # not waited for again at exit
         old._warn(f"the final snapshot of run {run!r} that close() left in flight is given up: the new attach takes over{old._give_up()}")
 
 
