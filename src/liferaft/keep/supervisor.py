@@ -570,6 +570,8 @@ class Supervisor:
                 continue
             if ev[0] != "signal" or ev[1] != signal.SIGINT:
                 continue  # SIGTERM, SIGHUP: the final snapshot is what they ask for
+            if req.done.is_set():
+                continue  # it finished meanwhile: nothing is at stake, and it is reported below
             if not warned:
                 # A second Ctrl-C is often impatience, not a wish to lose the work since
                 # the last snapshot: say what is going on, and let a third one decide.
