@@ -45,15 +45,16 @@ class KeptPath:
     @property
     def shown(self) -> str:
         """The path as the user gave it, in the words of where they gave it."""
-        return _shown(self.arg, self.given)
+        return _where(self.given) + _shown(self.arg, self.given)
 
 
 def _shown(arg: str, given: str) -> str:
-    if given == "--keep":
-        return f"--keep {arg}"
-    if given == "liferaft.toml":
-        return f"kept path {arg!r} (keep in liferaft.toml)"
-    return f"kept path {arg!r}"
+    return f"--keep {arg}" if given == "--keep" else f"kept path {arg!r}"
+
+
+def _where(given: str) -> str:
+    """Said once, before the paths: the file they came from."""
+    return "liferaft.toml: " if given == "liferaft.toml" else ""
 
 
 def _example(given: str) -> str:
@@ -74,11 +75,7 @@ def resolve_keeps(keeps: Sequence[str | os.PathLike[str]], cwd: Path | None = No
     from ..vault.snapshot import root_names
 
     here = Path(os.path.abspath(cwd or os.getcwd()))
-    where = "liferaft.toml: " if given == "liferaft.toml" else ""  # said once, before the paths
-
-    def named(arg: str) -> str:
-        return _shown(arg, "keep=" if where else given)
-
+    where = _where(given)
     if not keeps:
         raise LiferaftError(
             "nothing to keep",
@@ -94,15 +91,15 @@ def resolve_keeps(keeps: Sequence[str | os.PathLike[str]], cwd: Path | None = No
         path = Path(os.path.abspath(os.path.join(here, os.path.expanduser(arg))))
         if path == here or path in here.parents:
             raise LiferaftError(
-                f"{where}{named(arg)} holds the working folder {here}: restoring it would write over the code that runs",
+                f"{where}{_shown(arg, given)} holds the working folder {here}: restoring it would write over the code that runs",
                 f"keep the folders your script writes instead, e.g. {_example(given)}",
             )
         if path in paths:
-            raise LiferaftError(f"{where}{named(arg)} is given twice", "name each path once")
+            raise LiferaftError(f"{where}{_shown(arg, given)} is given twice", "name each path once")
         for other, other_arg in zip(paths, args, strict=False):
             if other in path.parents or path in other.parents:
                 inner, outer = (arg, other_arg) if other in path.parents else (other_arg, arg)
-                raise LiferaftError(f"{where}{named(inner)} is inside {named(outer)}", f"keep {outer} only")
+                raise LiferaftError(f"{where}{_shown(inner, given)} is inside {_shown(outer, given)}", f"keep {outer} only")
         paths.append(path)
         args.append(arg)
     names = root_names(paths)

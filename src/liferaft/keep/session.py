@@ -281,12 +281,7 @@ class Raft:
         threading.Thread(target=end, name="liferaft-give-up", daemon=True).start()
         if done.wait(GIVE_UP_WAIT) and not failed:
             return ""
-        from ..vault.repository import STALE_AFTER
-
-        return (
-            f"; its session lock could not be removed ({failed[0] if failed else 'no answer'}): "
-            f"it expires within {format_duration(STALE_AFTER)}, or liferaft prune removes it"
-        )
+        return self._syncer.lock_left(failed[0] if failed else "no answer")
 
     def _at_exit(self) -> None:
         if self.closed:

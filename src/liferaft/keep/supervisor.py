@@ -623,23 +623,24 @@ class Supervisor:
         return f" and lose the changes to {paths} since snapshot {last.short_id}, taken {ago} ago"
 
     def _abandon(self, t0: float) -> int:
-        """Give up the final snapshot: end this process's writer sessions in the vault, so
-        that the pass can no longer commit (a writer commits only while its session lock
-        exists) and no lock is left behind, then let the caller end the process, which
-        stops the uploads in flight. What they stored is unreferenced: prune removes it."""
+        """Give up the final snapshot: end its writer session (``Syncer.give_up``), so that
+        the pass can no longer commit and no lock is left behind, then let the caller end
+        the process, which stops the uploads in flight. What they stored is unreferenced:
+        prune removes it."""
         done = threading.Event()
         failed: list[str] = []
+        assert self.syncer is not None
+        syncer = self.syncer
 
         def release() -> None:
             try:
-                self._end_sessions()
+                syncer.give_up()
             except Exception as err:  # the vault does not answer: the lock goes stale
                 failed.append(str(err) or type(err).__name__)
             try:
                 # Now, as the process ends without exit hooks: an rclone:// vault's own
                 # `rclone serve s3` process stops with its backend.
-                assert self.syncer is not None
-                self.syncer.vault.backend.close()
+                syncer.vault.backend.close()
             except Exception:  # ending anyway
                 pass
             finally:
@@ -655,16 +656,9 @@ class Supervisor:
             if ev[0] == "signal" and ev[1] == signal.SIGINT:
                 failed.append("interrupted")
                 break  # yet another Ctrl-C: leave now
-        from ..vault.repository import STALE_AFTER
-
         self.abandoned = True
         status = self.status or 130
-        lock = (
-            ""
-            if done.is_set() and not failed
-            else f"; its session lock could not be removed ({failed[0] if failed else 'no answer'}): it expires within "
-            f"{format_duration(STALE_AFTER)}, or liferaft prune removes it"
-        )
+        lock = "" if done.is_set() and not failed else syncer.lock_left(failed[0] if failed else "no answer")
         paths = ", ".join(k.arg for k in self.keeps)
         last = self._last_saved()
         kept = (
@@ -678,21 +672,6 @@ class Supervisor:
             f"what it had uploaded is removed by liferaft prune{lock}; exit {status}"
         )
         return status
-
-    def _end_sessions(self) -> None:
-        """Delete the writer-session locks this process holds in the vault."""
-        from ..platform import hostname, pid_scope
-
-        assert self.syncer is not None
-        repo = self.syncer.vault.repository()
-        me = (hostname(), os.getpid(), pid_scope())
-        for _ in range(2):  # twice: a heartbeat may have rewritten one as it was deleted
-            mine = [d["name"] for d in repo.live_sessions() if (d.get("host"), d.get("pid"), d.get("scope")) == me]
-            if not mine:
-                return
-            for name in mine:
-                # The repository has no call to end another thread's session: by name.
-                repo.backend.delete(name)
 
 
 def _foreground_terminal() -> bool:

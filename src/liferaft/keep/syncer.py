@@ -269,6 +269,13 @@ class Syncer:
             for session in sessions_of(self._thread):
                 session.end()
 
+    @staticmethod
+    def lock_left(why: str) -> str:
+        """What to add to a warning when ``give_up`` could not delete the lock."""
+        from ..vault.repository import STALE_AFTER
+
+        return f"; its session lock could not be removed ({why}): it expires within {format_duration(STALE_AFTER)}, or liferaft prune removes it"
+
     @property
     def committed(self) -> list[PassResult]:
         return [p for p in self.history if p.committed]
